@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job on the toy world) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SSPO := $(BIN)/sspo
+
+.PHONY: setup demo test bench clean-demo
+
+# torch first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data/world/manifest.json: | setup
+	$(SSPO) world
+
+models/base/manifest.json: data/world/manifest.json
+	$(SSPO) bootstrap
+
+data/prepared/manifest.json: data/world/manifest.json
+	$(SSPO) prepare
+
+runs/sspo/metrics.json: models/base/manifest.json data/prepared/manifest.json
+	$(SSPO) train
+
+eval/sspo/manifest.json: runs/sspo/metrics.json
+	$(SSPO) evaluate
+
+demo: eval/sspo/manifest.json
+	@echo "Oracle score (mean of colour, shape, position correct); images in eval/sspo/"
+	@cat eval/sspo/table.md
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/step_times.py
+
+clean-demo:
+	rm -rf data/world data/prepared models/base runs/sspo eval/sspo

@@ -1,0 +1,132 @@
+"""Step-time benchmark on the toy model at batch 8, printed as ratios to the Diffusion-DPO step.
+
+Measures, in one process so the ratios share the machine's state:
+- the median optimizer-step time of sft, dpo and sspo (full fine-tune) from the trainer's own step log;
+- self-sampling alone (DDIM + CFG for one batch of latents);
+- the replay reference switch for a pool of 50 entries, LoRA (adapter copy) and full (LRU + prefetch, and cold).
+
+Usage: python bench/step_times.py [--steps 12] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from sspo import config
+from sspo.cli import run_bootstrap, run_prepare, run_train, run_world
+from sspo.models import load_components, lora_config
+from sspo.sampling import encode_prompts, sample_latents
+from sspo.train.replay import FullReference, LoraReference, load_safetensors
+
+BATCH = 8
+POOL = 50
+
+
+def median_step_seconds(run_dir: Path, warmup: int = 2) -> float:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return statistics.median(row["seconds"] for row in rows[warmup:])
+
+
+def time_calls(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sspo-bench-"))
+
+    world, base = str(work / "world"), str(work / "base")
+    run_world(config.load("world", None, {"output": world, "samples_per_scene": 2}))
+    run_bootstrap(config.load("bootstrap", None, {"world": world, "output": base, "vae_steps": 5, "unet_steps": 5}))
+    run_prepare(config.load("prepare", None, {"source": world, "output": str(work / "pairs"), "keep_pairs": True}))
+
+    common = {"model": base, "data": str(work / "pairs"), "steps": args.steps, "batch_size": BATCH,
+              "save_every": args.steps, "sample_steps": 10, "guidance": 4.0}
+    step = {}
+    for objective in ("sft", "dpo", "sspo"):
+        run = work / f"run-{objective}"
+        run_train(config.load("train", None, {**common, "objective": objective, "output": str(run)}))
+        step[objective] = median_step_seconds(run)
+
+    parts = load_components(base)
+    unet = parts.unet.eval()
+    cond = encode_prompts(parts.tokenizer, parts.text_encoder, ["a red circle on the left"] * BATCH)
+    uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    noise = torch.randn(BATCH, 4, parts.latent_size, parts.latent_size)
+    sampling = time_calls(lambda: sample_latents(unet, parts.sample_scheduler, cond, uncond, noise, 10, 4.0), 5)
+
+    # A pool of 50 entries written as checkpoint files, then random switches as training would draw them.
+    pool_dir = work / "pool"
+    pool_dir.mkdir(exist_ok=True)
+    full_entries = []
+    for index in range(POOL):
+        path = pool_dir / f"full-{index}.safetensors"
+        save_file({k: v + 1e-3 * index for k, v in unet.state_dict().items()}, str(path))
+        full_entries.append(str(path))
+    draws = np.random.default_rng(0).integers(POOL, size=40)
+
+    def switch_times(reference, entries, prefetch: bool) -> float:
+        times = []
+        for current, upcoming in zip(draws[:-1], draws[1:]):
+            started = time.perf_counter()
+            reference.activate(entries[current])
+            times.append(time.perf_counter() - started)
+            if prefetch:
+                reference.prefetch(entries[upcoming])
+                time.sleep(step["dpo"])  # the training step the prefetch overlaps with
+        return statistics.median(times)
+
+    full_prefetched = FullReference(parts.unet, 8, load_safetensors)
+    full_switch = switch_times(full_prefetched, full_entries, prefetch=True)
+    full_prefetched.close()
+    full_cold = FullReference(parts.unet, 2, load_safetensors)
+    full_switch_cold = switch_times(full_cold, full_entries, prefetch=False)
+    full_cold.close()
+
+    lora_unet = load_components(base).unet
+    adapter = lora_config(4, 4)
+    lora_unet.add_adapter(adapter, adapter_name="default")
+    lora_entries = []
+    for index in range(POOL):
+        path = pool_dir / f"lora-{index}.safetensors"
+        weights = get_peft_model_state_dict(lora_unet, adapter_name="default")
+        save_file({k: v + 1e-3 * index for k, v in weights.items()}, str(path))
+        lora_entries.append(str(path))
+    lora_switch = switch_times(LoraReference(lora_unet, adapter, load_safetensors), lora_entries, prefetch=False)
+
+    rows = [
+        ("sft step", step["sft"]),
+        ("dpo step", step["dpo"]),
+        ("sspo step", step["sspo"]),
+        ("self-sampling alone (DDIM-10, CFG 4)", sampling),
+        (f"replay switch, LoRA r=4, pool {POOL}", lora_switch),
+        (f"replay switch, full, pool {POOL}, LRU 8 + prefetch", full_switch),
+        (f"replay switch, full, pool {POOL}, cold load", full_switch_cold),
+    ]
+    print(f"\ntoy model, batch {BATCH}, {torch.get_num_threads()} threads; medians; ratio = time / dpo step")
+    print(f"{'measure':<52}{'seconds':>10}{'ratio':>8}")
+    for name, seconds in rows:
+        print(f"{name:<52}{seconds:>10.4f}{seconds / step['dpo']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""One typed config per stage. Values come from the dataclass defaults, then params.yaml (the stage's section),
+then command-line flags. Every value is validated with a message that names the knob."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sspo.errors import SSPOError
+from sspo.objectives import SSR_VARIANTS
+
+OBJECTIVES = ("sspo", "dpo", "spin", "sft")
+REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class WorldConfig:
+    """Render the toy world: images of coloured shapes with prompts, split by attribute combination."""
+
+    output: str = "data/world"
+    samples_per_scene: int = field(default=40, metadata={"help": "images rendered per (colour, shape, position)"})
+    seed: int = 0
+
+    def validate(self):
+        _require(self.samples_per_scene > 0, "samples_per_scene must be positive")
+
+
+@dataclass
+class BootstrapConfig:
+    """Pretrain the tiny SD-shaped base model on the toy world with systematically wrong captions."""
+
+    world: str = "data/world"
+    output: str = "models/base"
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch_size: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1200
+    unet_batch_size: int = 64
+    unet_lr: float = 1e-3
+    uncond_prob: float = field(default=0.1, metadata={"help": "fraction of captions dropped for CFG"})
+    caption_noise_color: float = field(default=0.6, metadata={"help": "fraction of colours shifted to the next"})
+    caption_noise_shape: float = 0.0
+    caption_noise_position: float = field(default=0.6, metadata={"help": "fraction of positions shifted"})
+
+    def validate(self):
+        for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size"):
+            _require(getattr(self, name) > 0, f"{name} must be positive")
+        for name in ("caption_noise_color", "caption_noise_shape", "caption_noise_position", "uncond_prob"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"{name} must be between 0 and 1")
+
+
+@dataclass
+class PrepareConfig:
+    """Turn a dataset (toy world, image folder, JSONL, Pick-a-Pic parquet) into validated training shards."""
+
+    source: str = "data/world"
+    output: str = "data/prepared"
+    format: str = field(default="auto", metadata={"help": "auto, folder, jsonl or parquet"})
+    resolution: int = 32
+    keep_pairs: bool = field(default=False, metadata={"help": "keep the losing image too (for objective=dpo)"})
+    on_error: str = field(default="skip", metadata={"help": "skip (count and report) or fail on a bad sample"})
+    limit: int = field(default=0, metadata={"help": "stop after this many samples (0 = all)"})
+
+    def validate(self):
+        _require(self.format in ("auto", "folder", "jsonl", "parquet"), "format must be auto, folder, jsonl or parquet")
+        _require(self.on_error in ("skip", "fail"), "on_error must be skip or fail")
+        _require(self.resolution >= 8, "resolution must be at least 8")
+        _require(self.limit >= 0, "limit must be 0 (all) or positive")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune a diffusers SD-1.x/2.x model with SSPO (or sft, dpo, spin) and publish checkpoints as it goes."""
+
+    model: str = field(default="models/base", metadata={"help": "base model: diffusers folder path or URL"})
+    data: str = field(default="data/prepared", metadata={"help": "prepared shards path or URL"})
+    output: str = field(default="runs/sspo", metadata={"help": "run folder path or URL; checkpoints go below it"})
+    data_split: str = field(default="", metadata={"help": "train only on samples of this split ('' = all)"})
+    objective: str = field(default="sspo", metadata={"help": "sspo, dpo, spin or sft"})
+    ssr: str = field(default="sign", metadata={"help": "self-sampling regularisation: sign, indicator, sft, off"})
+    replay: str = field(default="uniform", metadata={"help": "reference draw: uniform, initial or latest"})
+    beta: float = 10.0
+    shared_noise: bool = field(default=True, metadata={"help": "one (t, noise) draw for both images of a pair"})
+    steps: int = field(default=160, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "per-process micro-batch"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_schedule: str = "constant_with_warmup"
+    lr_warmup_steps: int = 10
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full UNet"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = same as rank)"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint (and replay pool entry) every N steps"})
+    replay_cache_size: int = field(default=8, metadata={"help": "full fine-tune: pool entries kept in host RAM"})
+    sample_steps: int = field(default=10, metadata={"help": "DDIM steps for self-samples"})
+    guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance for self-samples"})
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def validate(self):
+        _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
+        _require(self.ssr in SSR_VARIANTS, f"ssr must be one of {', '.join(SSR_VARIANTS)}")
+        _require(self.replay in REPLAY_DISTRIBUTIONS, f"replay must be one of {', '.join(REPLAY_DISTRIBUTIONS)}")
+        _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
+        _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        _require(self.beta > 0, "beta must be positive")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "save_every", "sample_steps"):
+            _require(getattr(self, name) > 0, f"{name} must be positive")
+        _require(self.replay_cache_size >= 2, "replay_cache_size must be at least 2 (current + prefetched)")
+        _require(self.lora_rank >= 0, "lora_rank must be 0 (full fine-tune) or positive")
+        _require(self.learning_rate > 0, "learning_rate must be positive")
+
+
+@dataclass
+class EvaluateConfig:
+    """Generate fixed prompts × fixed seeds with the base and the trained model, score them, write a report."""
+
+    model: str = field(default="models/base", metadata={"help": "base model: diffusers folder path or URL"})
+    checkpoint: str = field(default="", metadata={"help": "trained checkpoint path or URL ('' = base only)"})
+    output: str = "eval"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "comma-separated seeds"})
+    sample_steps: int = 20
+    guidance: float = 4.0
+    batch_size: int = 64
+
+    def validate(self):
+        _require(len(self.seeds) > 0, "seeds must list at least one seed")
+        _require(self.sample_steps > 0, "sample_steps must be positive")
+
+
+STAGES = {
+    "world": WorldConfig,
+    "bootstrap": BootstrapConfig,
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SSPOError(f"invalid config: {message}")
+
+
+def field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(name: str, kind, value):
+    """Turn a YAML or command-line value into the field's type, or fail naming the field."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typing.get_origin(kind) is list:
+            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+            return [typing.get_args(kind)[0](item) for item in items]
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SSPOError(f"invalid config: {name}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def load(stage: str, params_file: str | None, overrides: dict) -> typing.Any:
+    """The stage's config: defaults, then params.yaml[stage], then `overrides` (already-typed or string values)."""
+    cls = STAGES[stage]
+    types = field_types(cls)
+    values: dict = {}
+    if params_file:
+        path = Path(params_file)
+        if not path.exists():
+            raise SSPOError(f"params file not found: {params_file}")
+        try:
+            params = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SSPOError(f"{params_file} is not valid YAML: {err}") from None
+        section = params.get(stage) or {}
+        unknown = sorted(set(section) - set(types))
+        if unknown:
+            raise SSPOError(f"invalid config: unknown key(s) in {params_file} [{stage}]: {', '.join(unknown)}")
+        values.update(section)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = cls(**{name: coerce(name, types[name], value) for name, value in values.items()})
+    config.validate()
+    return config
+
+
+def to_json(config) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

@@ -1,0 +1,416 @@
+"""Turn a raw image/caption source into validated, resized training shards with a manifest.
+
+Sources (any fsspec URL):
+  folder   images (png/jpg/jpeg/webp/bmp), each with a sidecar `<stem>.txt` caption
+  jsonl    a directory with `metadata.jsonl`, or a .jsonl file; lines hold `file`, `caption`, optional `loser`, `split`
+  parquet  Pick-a-Pic-style file(s) with `caption`, `jpg_0`, `jpg_1`, `label_0`
+
+Output: `shard-NNNNN.safetensors` (uint8 "winner" and, when paired, "loser", shape (n, 3, R, R)) next to
+`shard-NNNNN.jsonl` (one {"caption", "split"?} line per sample, same order), published with a manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import posixpath
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sspo import storage
+from sspo.errors import SSPOError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sspo-shards/1"
+SOURCE_FORMATS = ("auto", "folder", "jsonl", "parquet")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+JSONL_METADATA = "metadata.jsonl"
+PARQUET_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+# Rows per parquet read: Pick-a-Pic rows carry two encoded images, so keep batches small to bound memory.
+PARQUET_BATCH_ROWS = 64
+
+REASONS = {
+    "corrupt_image": "the image cannot be decoded",
+    "empty_caption": "the caption is empty",
+    "missing_image": "the image file does not exist",
+    "missing_caption": "there is no .txt caption file next to the image",
+    "unreadable_caption": "the caption file is not UTF-8 text",
+    "missing_label": "label_0 is null or NaN",
+    "tie": "the pair is a tie (label_0 = 0.5)",
+}
+# Ties are an expected part of preference data, not a defect, so on_error="fail" does not stop on them.
+NOT_ERRORS = {"tie"}
+
+# PIL reports undecodable input through many exception types, depending on the codec and where it breaks.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+@dataclass
+class RawSample:
+    name: str  # where the sample came from, for error messages
+    caption: object
+    split: str | None
+    # Readers return encoded bytes, or None when the image is missing; winner first, then the loser if kept.
+    images: Sequence[Callable[[], bytes | None]] = ()
+    problem: str | None = None  # a reason already known from the source, before any image is read
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def prepare(
+    source: str,
+    output: str,
+    *,
+    source_format: str = "auto",
+    resolution: int = 32,
+    keep_pairs: bool = False,
+    on_error: str = "skip",
+    limit: int | None = None,
+    shard_size: int = 4096,
+) -> dict:
+    """Validate and resize `source` into shards published at `output`; returns the manifest summary.
+
+    `limit` caps the number of valid samples written. Bad samples are skipped and counted by reason, or with
+    on_error="fail" the first one raises SSPOError.
+    """
+    if source_format not in SOURCE_FORMATS:
+        raise SSPOError(f"unknown source format {source_format!r}; expected one of {', '.join(SOURCE_FORMATS)}")
+    if on_error not in ("skip", "fail"):
+        raise SSPOError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
+    if resolution < 1 or shard_size < 1 or (limit is not None and limit < 1):
+        raise SSPOError("resolution, shard_size and limit must be positive")
+    # Checked before any work so a long run never ends in a refusal; publish_dir checks again atomically.
+    if storage.exists(storage.join(output, storage.MANIFEST)):
+        raise SSPOError(f"{output} already exists; outputs are never overwritten")
+
+    fs, root = storage.filesystem(source)
+    if not fs.exists(root):
+        raise SSPOError(f"not found: {source}")
+    fmt = detect_format(fs, root) if source_format == "auto" else source_format
+    total, samples = SOURCES[fmt](fs, root, keep_pairs)
+
+    skipped: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory(prefix="sspo-prepare-") as staging:
+        writer = ShardWriter(Path(staging), shard_size, keep_pairs)
+        for raw in tqdm(samples, total=total, unit="sample", desc="prepare", disable=None):
+            try:
+                images = load_sample(raw, resolution)
+            except Rejected as rejected:
+                if on_error == "fail" and rejected.reason not in NOT_ERRORS:
+                    raise SSPOError(
+                        f"bad sample {raw.name}: {rejected.reason} ({REASONS[rejected.reason]}); "
+                        "use on_error='skip' to skip and count bad samples"
+                    ) from None
+                skipped[rejected.reason] += 1
+                continue
+            writer.add(images, raw.caption.strip(), raw.split)
+            if writer.num_samples == limit:
+                break
+        shards = writer.close()
+        if skipped:
+            counts = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items()))
+            logger.warning("skipped %d samples from %s: %s", sum(skipped.values()), source, counts)
+        if not writer.num_samples:
+            raise SSPOError(f"{source} holds no valid samples (skipped: {dict(skipped) or 'none'})")
+        summary = {
+            "format": FORMAT,
+            "resolution": resolution,
+            "num_samples": writer.num_samples,
+            "paired": keep_pairs,
+            "shards": shards,
+            "skipped": dict(sorted(skipped.items())),
+            "source": source,
+            "source_format": fmt,
+        }
+        storage.publish_dir(Path(staging), output, extra=summary)
+    logger.info("prepared %d samples in %d shards at %s", writer.num_samples, len(shards), output)
+    return summary
+
+
+def detect_format(fs, root: str) -> str:
+    if fs.isfile(root):
+        for fmt in ("parquet", "jsonl"):
+            if root.endswith(f".{fmt}"):
+                return fmt
+        raise SSPOError(f"cannot tell the format of {root}: expected a .parquet or .jsonl file, or a directory")
+    if parquet_files(fs, root):
+        return "parquet"
+    if fs.isfile(posixpath.join(root, JSONL_METADATA)):
+        return "jsonl"
+    return "folder"
+
+
+def load_sample(raw: RawSample, resolution: int) -> list[np.ndarray]:
+    """The sample's images as (R, R, 3) uint8 arrays; raises Rejected with the reason it is unusable."""
+    if raw.problem:
+        raise Rejected(raw.problem)
+    if not isinstance(raw.caption, str) or not raw.caption.strip():
+        raise Rejected("empty_caption")
+    images = []
+    for read in raw.images:
+        data = read()
+        if data is None:
+            raise Rejected("missing_image")
+        try:
+            images.append(to_pixels(data, resolution))
+        except DECODE_ERRORS:
+            raise Rejected("corrupt_image") from None
+    return images
+
+
+def to_pixels(data: bytes, resolution: int) -> np.ndarray:
+    """Decode, convert to RGB, resize the shorter side to `resolution` and center-crop to a square."""
+    with Image.open(io.BytesIO(data)) as opened:
+        # Lets JPEG decode at a reduced scale that is still at least resolution x resolution: much faster.
+        opened.draft("RGB", (resolution, resolution))
+        image = ImageOps.exif_transpose(opened)
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            # Transparent areas become white instead of whatever colour happens to be hidden under them.
+            rgba = image.convert("RGBA")
+            image = Image.new("RGBA", rgba.size, "white")
+            image.alpha_composite(rgba)
+        image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    width = max(resolution, round(image.width * scale))
+    height = max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - resolution) // 2, (height - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+class ShardWriter:
+    """Buffers up to `shard_size` samples, then writes them as one safetensors file plus a captions file."""
+
+    def __init__(self, directory: Path, shard_size: int, paired: bool):
+        self.directory = directory
+        self.shard_size = shard_size
+        self.paired = paired
+        self.shards: list[dict] = []
+        self.num_samples = 0
+        self.pending: list[tuple[list[np.ndarray], str, str | None]] = []
+
+    def add(self, images: list[np.ndarray], caption: str, split: str | None) -> None:
+        self.pending.append((images, caption, split))
+        self.num_samples += 1
+        if len(self.pending) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        roles = ("winner", "loser") if self.paired else ("winner",)
+        stacked = {role: np.stack([images[i] for images, _, _ in self.pending]) for i, role in enumerate(roles)}
+        # Channel-first copies: safetensors stores raw memory, so a permuted view must be made contiguous.
+        tensors = {role: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous() for role, array in stacked.items()}
+        save_file(tensors, str(self.directory / f"{name}.safetensors"))
+        with open(self.directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for _, caption, split in self.pending:
+                line = {"caption": caption} if split is None else {"caption": caption, "split": split}
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.shards.append(
+            {"tensors": f"{name}.safetensors", "captions": f"{name}.jsonl", "num_samples": len(self.pending)}
+        )
+        self.pending = []
+
+    def close(self) -> list[dict]:
+        if self.pending:
+            self.flush()
+        return self.shards
+
+
+def file_reader(fs, path: str) -> Callable[[], bytes | None]:
+    def read() -> bytes | None:
+        try:
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    return read
+
+
+def folder_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSample]]:
+    if keep_pairs:
+        raise SSPOError("keep_pairs needs losers, which a folder source lacks: use jsonl with 'loser' or parquet")
+    if not fs.isdir(root):
+        raise SSPOError(f"a folder source must be a directory: {root}")
+    root = root.rstrip("/")
+    files = set(fs.find(root))
+    images = sorted(p for p in files if p.lower().endswith(IMAGE_EXTENSIONS))
+
+    def samples() -> Iterator[RawSample]:
+        for image in images:
+            name = image[len(root) + 1 :]
+            caption_file = posixpath.splitext(image)[0] + ".txt"
+            if caption_file not in files:
+                yield RawSample(name, None, None, problem="missing_caption")
+                continue
+            try:
+                caption = fs.cat_file(caption_file).decode("utf-8")
+            except UnicodeDecodeError:
+                yield RawSample(name, None, None, problem="unreadable_caption")
+                continue
+            yield RawSample(name, caption, None, [file_reader(fs, image)])
+
+    return len(images), samples()
+
+
+def jsonl_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSample]]:
+    metadata = root if fs.isfile(root) else posixpath.join(root, JSONL_METADATA)
+    if not fs.isfile(metadata):
+        raise SSPOError(f"not found: {metadata}")
+    base = posixpath.dirname(metadata)
+    required = ("file", "caption", "loser") if keep_pairs else ("file", "caption")
+    records = []
+    # Parsed and checked up front: a format error should stop the run before any image is processed.
+    for number, line in enumerate(fs.cat_file(metadata).decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SSPOError(f"{metadata} line {number} is not valid JSON: {err}") from err
+        if not isinstance(record, dict) or any(key not in record for key in required):
+            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise SSPOError(f"{metadata} line {number}: expected keys {', '.join(required)}; found: {found}")
+        records.append((number, record))
+
+    def reader(relative) -> Callable[[], bytes | None]:
+        if not isinstance(relative, str) or not relative:
+            return lambda: None
+        return file_reader(fs, posixpath.normpath(posixpath.join(base, relative)))
+
+    def samples() -> Iterator[RawSample]:
+        for number, record in records:
+            paths = [record["file"], record["loser"]] if keep_pairs else [record["file"]]
+            split = record.get("split")
+            yield RawSample(
+                f"{posixpath.basename(metadata)} line {number} ({record['file']})",
+                record["caption"],
+                None if split is None else str(split),
+                [reader(path) for path in paths],
+            )
+
+    return len(records), samples()
+
+
+def parquet_files(fs, root: str) -> list[str]:
+    if fs.isfile(root):
+        return [root]
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+
+
+def parquet_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSample]]:
+    files = parquet_files(fs, root)
+    if not files:
+        raise SSPOError(f"no .parquet files in {root}")
+    total = 0
+    # Every file's columns are checked before any image is processed, so a format error stops the run at once.
+    for path in files:
+        with fs.open(path, "rb") as f:
+            try:
+                parquet = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise SSPOError(f"{path} is not a readable parquet file: {err}") from err
+            found = parquet.schema_arrow.names
+            missing = [column for column in PARQUET_COLUMNS if column not in found]
+            if missing:
+                raise SSPOError(
+                    f"{path}: expected columns {', '.join(PARQUET_COLUMNS)}; missing: {', '.join(missing)}; "
+                    f"found: {', '.join(found)}"
+                )
+            total += parquet.metadata.num_rows
+
+    def samples() -> Iterator[RawSample]:
+        for path in files:
+            with fs.open(path, "rb") as f:
+                row = 0
+                batches = pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(PARQUET_COLUMNS))
+                for batch in batches:
+                    columns = [batch.column(column).to_pylist() for column in PARQUET_COLUMNS]
+                    for caption, image_0, image_1, label_0 in zip(*columns):
+                        name = f"{posixpath.basename(path)} row {row}"
+                        yield pair_sample(name, caption, image_0, image_1, label_0, keep_pairs)
+                        row += 1
+
+    return total, samples()
+
+
+def pair_sample(name: str, caption, image_0, image_1, label_0, keep_pairs: bool) -> RawSample:
+    if label_0 is None or math.isnan(label_0):
+        return RawSample(name, caption, None, problem="missing_label")
+    if label_0 == 0.5:
+        return RawSample(name, caption, None, problem="tie")
+    winner, loser = (image_0, image_1) if label_0 > 0.5 else (image_1, image_0)
+    images = (winner, loser) if keep_pairs else (winner,)
+    return RawSample(name, caption, None, [lambda data=data: data for data in images])
+
+
+SOURCES = {"folder": folder_source, "jsonl": jsonl_source, "parquet": parquet_source}
+
+
+class ShardDataset:
+    """A prepared dataset held in memory, checked against its manifest's sha256 sums."""
+
+    def __init__(self, url_or_dir: str, split: str | None = None):
+        directory = storage.fetch_dir(url_or_dir)
+        manifest = storage.verify_dir(directory)
+        if manifest.get("format") != FORMAT:
+            raise SSPOError(
+                f"{url_or_dir} is not a prepared dataset (format {manifest.get('format')!r}, expected {FORMAT!r})"
+            )
+        self.resolution: int = manifest["resolution"]
+        winners, losers, captions, splits = [], [], [], []
+        for shard in manifest["shards"]:
+            tensors = load_file(str(directory / shard["tensors"]))
+            captions_text = (directory / shard["captions"]).read_text(encoding="utf-8")
+            lines = [json.loads(line) for line in captions_text.splitlines()]
+            if not len(tensors["winner"]) == len(lines) == shard["num_samples"]:
+                raise SSPOError(f"{url_or_dir}: {shard['tensors']} and {shard['captions']} disagree on sample count")
+            winners.append(tensors["winner"])
+            if manifest["paired"]:
+                losers.append(tensors["loser"])
+            captions += [line["caption"] for line in lines]
+            splits += [line.get("split") for line in lines]
+        keep = [i for i, s in enumerate(splits) if split is None or s == split]
+        if not keep:
+            known = sorted({s for s in splits if s is not None})
+            raise SSPOError(f"{url_or_dir} has no samples with split {split!r} (splits present: {known or 'none'})")
+        index = torch.tensor(keep)
+        self.winners: torch.Tensor = torch.cat(winners)[index]
+        self.losers: torch.Tensor | None = torch.cat(losers)[index] if losers else None
+        self.captions: list[str] = [captions[i] for i in keep]
+        self.splits: list[str | None] = [splits[i] for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, indices) -> dict:
+        """Pixels scaled to [-1, 1] as float32 (B, 3, R, R), with the matching losers and captions."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "pixels": to_unit_range(self.winners[index]),
+            "loser_pixels": None if self.losers is None else to_unit_range(self.losers[index]),
+            "captions": [self.captions[i] for i in index.tolist()],
+        }
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0

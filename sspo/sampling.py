@@ -1,0 +1,48 @@
+"""Batched DDIM sampling with classifier-free guidance, kept in latent space."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+@torch.no_grad()
+def sample_latents(
+    unet,
+    scheduler: DDIMScheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noise: torch.Tensor,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """Reverse diffusion from `noise` (x_T) to x_0 latents; `uncond` is one embedding broadcast over the batch."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    guided = guidance != 1.0
+    context = torch.cat([uncond.expand_as(cond), cond]) if guided else cond
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        eps = unet(model_input, t, context).sample
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to (B, H, W, 3) uint8 images."""
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,138 @@
+"""Pretrain the tiny SD model on the toy world: first the VAE, then the UNet and text encoder on noisy captions.
+
+Caption noise is *systematic*: a fraction of the images of each attribute value are captioned with the next value
+in a fixed cycle (red→green→blue→yellow→red). Random noise averages out under classifier-free guidance; a
+consistent bias does not, so the base model is imperfectly aligned the way a web-trained model is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sspo.config import BootstrapConfig
+from sspo import storage
+from sspo.progress import Progress
+from sspo.toy import model as toy_model
+from sspo.toy.world import COLORS, POSITIONS, SHAPES, Scene
+
+log = logging.getLogger(__name__)
+
+CYCLES = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
+
+
+def corrupt_scene(scene: Scene, noise: dict[str, float], rng: np.random.Generator) -> Scene:
+    values = scene.as_dict()
+    for attribute, rate in noise.items():
+        if rate > 0 and rng.random() < rate:
+            cycle = CYCLES[attribute]
+            values[attribute] = cycle[(cycle.index(values[attribute]) + 1) % len(cycle)]
+    return Scene(**values)
+
+
+def load_world(world_dir: Path) -> tuple[torch.Tensor, list[Scene]]:
+    rows = [json.loads(line) for line in (world_dir / "metadata.jsonl").read_text().splitlines() if line]
+    pixels = np.stack([np.asarray(Image.open(world_dir / row["file"]).convert("RGB")) for row in rows])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    scenes = [Scene(row["color"], row["shape"], row["position"]) for row in rows]
+    return images, scenes
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BootstrapConfig, generator: torch.Generator) -> float:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    progress = Progress(cfg.vae_steps, "bootstrap vae")
+    for _ in range(cfg.vae_steps):
+        batch = images[torch.randint(len(images), (cfg.vae_batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + cfg.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.update(loss=loss.item())
+    progress.close()
+    return loss.item()
+
+
+def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, cfg, generator):
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.0)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = ids.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    empty_ids = empty_ids.input_ids
+    progress = Progress(cfg.unet_steps, "bootstrap unet")
+    for _ in range(cfg.unet_steps):
+        index = torch.randint(len(captions), (cfg.unet_batch_size,), generator=generator)
+        latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
+        batch_ids = ids[index].clone()
+        # Dropped captions teach the unconditional branch that classifier-free guidance needs.
+        dropped = torch.rand(len(index), generator=generator) < cfg.uncond_prob
+        batch_ids[dropped] = empty_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_encoder(batch_ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        progress.update(loss=loss.item())
+    progress.close()
+    return loss.item()
+
+
+def bootstrap(cfg: BootstrapConfig, staging: Path) -> dict:
+    """Build and pretrain the toy model into `staging` (a diffusers folder); returns a summary."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    started = time.perf_counter()
+    images, scenes = load_world(storage.fetch_dir(cfg.world))
+
+    vae = toy_model.build_vae()
+    vae_loss = train_vae(vae, images, cfg, generator)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        posteriors = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
+    latent_mean = torch.cat([p.mean for p in posteriors])
+    latent_std = torch.cat([p.std for p in posteriors])
+    # Same role as SD's 0.18215: latents of unit variance for the noise schedule.
+    scaling_factor = float(1.0 / latent_mean.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae_seconds = time.perf_counter() - started
+
+    noise = {"color": cfg.caption_noise_color, "shape": cfg.caption_noise_shape, "position": cfg.caption_noise_position}
+    rng = np.random.default_rng(cfg.seed)
+    captions = [corrupt_scene(scene, noise, rng).prompt for scene in scenes]
+    tokenizer = toy_model.build_tokenizer()
+    text_encoder = toy_model.build_text_encoder(tokenizer)
+    unet = toy_model.build_unet(latent_size=latent_mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
+    scheduler = toy_model.build_noise_scheduler()
+    unet_loss = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean * scaling_factor,
+        latent_std * scaling_factor,
+        captions,
+        cfg,
+        generator,
+    )
+    toy_model.save_pipeline_folder(staging, vae, text_encoder, tokenizer, unet, scheduler)
+    wrong = sum(c != s.prompt for c, s in zip(captions, scenes)) / len(scenes)
+    return {
+        "vae_final_loss": vae_loss,
+        "unet_final_loss": unet_loss,
+        "scaling_factor": scaling_factor,
+        "wrong_caption_fraction": wrong,
+        "vae_seconds": round(vae_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }

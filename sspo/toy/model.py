@@ -1,0 +1,134 @@
+"""A tiny Stable-Diffusion-shaped model built from configs and saved in the diffusers folder layout.
+
+The toy model and SD-1.x share every code path: AutoencoderKL, CLIPTextModel, a tokenizer, UNet2DConditionModel,
+DDPM for training and DDIM for sampling. The tokenizer is a word-level `tokenizers` model wrapped in
+PreTrainedTokenizerFast, so it needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from sspo.toy.world import RESOLUTION, vocabulary
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+MAX_TOKENS = 12
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    encoder = CLIPTextModel(config)
+    # With the default std-0.02 init, rarely contrasted words (positions) collapse and never get a useful gradient.
+    torch.nn.init.normal_(encoder.get_input_embeddings().weight, std=1.0)
+    return encoder
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
+
+
+def build_unet(latent_size: int, cross_attention_dim: int = 64) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_noise_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def save_pipeline_folder(
+    directory: Path, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler
+) -> None:
+    """Write the standard StableDiffusionPipeline folder that diffusers' from_pretrained(dir) loads offline."""
+    directory = Path(directory)
+    vae.save_pretrained(directory / "vae")
+    text_encoder.save_pretrained(directory / "text_encoder")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    unet.save_pretrained(directory / "unet")
+    scheduler.save_pretrained(directory / "scheduler")
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "unet": ["diffusers", type(unet).__name__],
+        "vae": ["diffusers", type(vae).__name__],
+    }
+    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def sampling_scheduler(noise_scheduler_config: dict) -> DDIMScheduler:
+    return DDIMScheduler.from_config(noise_scheduler_config)

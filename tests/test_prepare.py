@@ -1,0 +1,267 @@
+import io
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from sspo.errors import SSPOError
+from sspo.prepare import ShardDataset, prepare, to_pixels
+
+R = 8
+RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+# JPEG and WEBP are lossy even on flat colours.
+LOSSY_TOLERANCE = 12
+
+
+def encode(color, image_format="PNG", size=(20, 14)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def truncated_png() -> bytes:
+    return encode(GREEN)[:40]
+
+
+def assert_color(pixels: torch.Tensor, color, tolerance=LOSSY_TOLERANCE):
+    """`pixels` is one uint8 (3, R, R) image that should be the flat `color`."""
+    assert pixels.shape == (3, R, R) and pixels.dtype == torch.uint8
+    expected = torch.tensor(color, dtype=torch.int16).view(3, 1, 1)
+    assert (pixels.to(torch.int16) - expected).abs().max() <= tolerance
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def write_parquet(path, rows, names=("caption", "jpg_0", "jpg_1", "label_0")):
+    columns = list(zip(*rows))
+    types = {"caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(), "label_0": pa.float64()}
+    table = pa.table({name: pa.array(column, type=types[name]) for name, column in zip(names, columns)})
+    pq.write_table(table, path)
+
+
+def read_manifest(directory):
+    return json.loads((directory / "manifest.json").read_text())
+
+
+@pytest.fixture
+def folder_source(tmp_path):
+    source = tmp_path / "folder"
+    source.mkdir()
+    for stem, color, image_format, extension in [
+        ("a", RED, "PNG", "png"),
+        ("b", GREEN, "JPEG", "jpg"),
+        ("c", BLUE, "WEBP", "webp"),
+        ("d", YELLOW, "BMP", "bmp"),
+    ]:
+        (source / f"{stem}.{extension}").write_bytes(encode(color, image_format))
+        (source / f"{stem}.txt").write_text(f"a {stem} thing\n")
+    (source / "no-caption.png").write_bytes(encode(WHITE))
+    (source / "blank.png").write_bytes(encode(WHITE))
+    (source / "blank.txt").write_text("  \n")
+    (source / "broken.png").write_bytes(truncated_png())
+    (source / "broken.txt").write_text("broken")
+    return source
+
+
+@pytest.fixture
+def pick_a_pic_rows():
+    return [
+        ("image 0 wins", encode(RED), encode(BLUE, "JPEG"), 1.0),
+        ("image 1 wins", encode(GREEN, "JPEG"), encode(YELLOW), 0.0),
+        ("a tie", encode(RED), encode(BLUE), 0.5),
+        ("", encode(RED), encode(BLUE), 1.0),
+        ("corrupt winner", b"not an image at all", encode(BLUE), 1.0),
+        ("corrupt loser", encode(WHITE), truncated_png(), 1.0),
+    ]
+
+
+def test_folder_round_trips_into_shards_and_counts_bad_samples(folder_source, tmp_path, caplog):
+    output = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="sspo.prepare"):
+        summary = prepare(str(folder_source), str(output), resolution=R, shard_size=3)
+
+    manifest = read_manifest(output)
+    assert summary["num_samples"] == manifest["num_samples"] == 4
+    assert manifest["format"] == "sspo-shards/1" and manifest["source_format"] == "folder"
+    assert manifest["resolution"] == R and manifest["paired"] is False
+    assert manifest["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_caption": 1}
+    assert [shard["num_samples"] for shard in manifest["shards"]] == [3, 1]
+    assert set(manifest["files"]) == {"shard-00000.safetensors", "shard-00000.jsonl", "shard-00001.safetensors",
+                                      "shard-00001.jsonl"}
+    assert "corrupt_image=1, empty_caption=1, missing_caption=1" in caplog.text
+
+    data = ShardDataset(str(output))
+    assert data.captions == ["a a thing", "a b thing", "a c thing", "a d thing"]
+    assert data.splits == [None] * 4 and data.losers is None
+    for pixels, color in zip(data.winners, [RED, GREEN, BLUE, YELLOW]):
+        assert_color(pixels, color)
+
+
+def test_jsonl_directory_like_the_toy_world_keeps_splits(tmp_path):
+    source = tmp_path / "toy"
+    (source / "images").mkdir(parents=True)
+    records = []
+    for index, (color, split) in enumerate([(RED, "train"), (GREEN, "test"), (BLUE, "train")]):
+        (source / "images" / f"{index:05d}.png").write_bytes(encode(color))
+        records.append({"file": f"images/{index:05d}.png", "caption": f"caption {index}", "color": "x",
+                        "shape": "circle", "position": "left", "split": split})
+    records.append({"file": "images/missing.png", "caption": "gone", "split": "train"})
+    write_jsonl(source / "metadata.jsonl", records)
+
+    summary = prepare(str(source), str(tmp_path / "out"), resolution=R)
+
+    assert summary["source_format"] == "jsonl" and summary["skipped"] == {"missing_image": 1}
+    lines = (tmp_path / "out" / "shard-00000.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"caption": "caption 0", "split": "train"},
+        {"caption": "caption 1", "split": "test"},
+        {"caption": "caption 2", "split": "train"},
+    ]
+    train = ShardDataset(str(tmp_path / "out"), split="train")
+    assert train.captions == ["caption 0", "caption 2"] and train.splits == ["train", "train"]
+    assert_color(train.winners[1], BLUE, tolerance=0)
+    with pytest.raises(SSPOError, match="no samples with split 'val'"):
+        ShardDataset(str(tmp_path / "out"), split="val")
+
+
+def test_jsonl_file_with_losers_keeps_pairs_relative_to_the_file(tmp_path):
+    (tmp_path / "data" / "pics").mkdir(parents=True)
+    for name, color in [("good", RED), ("bad", BLUE)]:
+        (tmp_path / "data" / "pics" / f"{name}.png").write_bytes(encode(color))
+    write_jsonl(tmp_path / "data" / "pairs.jsonl", [{"file": "pics/good.png", "loser": "pics/bad.png", "caption": "c"}])
+
+    summary = prepare(str(tmp_path / "data" / "pairs.jsonl"), str(tmp_path / "out"), resolution=R, keep_pairs=True)
+
+    assert summary["paired"] is True and summary["num_samples"] == 1
+    data = ShardDataset(str(tmp_path / "out"))
+    assert_color(data.winners[0], RED, tolerance=0)
+    assert_color(data.losers[0], BLUE, tolerance=0)
+
+
+def test_jsonl_missing_keys_is_a_format_error(tmp_path):
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "metadata.jsonl", [{"image": "a.png", "caption": "c"}])
+    with pytest.raises(SSPOError, match=r"line 1: expected keys file, caption; found: image, caption"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_parquet_directory_keeps_winners_by_label(tmp_path, pick_a_pic_rows):
+    source = tmp_path / "pickapic"
+    source.mkdir()
+    write_parquet(source / "train-0.parquet", pick_a_pic_rows[:3])
+    write_parquet(source / "train-1.parquet", pick_a_pic_rows[3:])
+
+    summary = prepare(str(source), str(tmp_path / "out"), resolution=R)
+
+    assert summary["source_format"] == "parquet"
+    assert summary["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "tie": 1}
+    data = ShardDataset(str(tmp_path / "out"))
+    assert data.captions == ["image 0 wins", "image 1 wins", "corrupt loser"]
+    for pixels, color in zip(data.winners, [RED, YELLOW, WHITE]):
+        assert_color(pixels, color)
+
+
+def test_parquet_keep_pairs_keeps_the_loser_in_both_label_directions(tmp_path, pick_a_pic_rows):
+    write_parquet(tmp_path / "pairs.parquet", pick_a_pic_rows)
+
+    summary = prepare(str(tmp_path / "pairs.parquet"), str(tmp_path / "out"), resolution=R, keep_pairs=True)
+
+    # The corrupt loser now matters too.
+    assert summary["skipped"] == {"corrupt_image": 2, "empty_caption": 1, "tie": 1}
+    data = ShardDataset(str(tmp_path / "out"))
+    assert data.captions == ["image 0 wins", "image 1 wins"]
+    assert_color(data.winners[0], RED)
+    assert_color(data.losers[0], BLUE)
+    assert_color(data.winners[1], YELLOW)
+    assert_color(data.losers[1], GREEN)
+
+
+def test_parquet_with_a_missing_column_names_it(tmp_path):
+    write_parquet(tmp_path / "bad.parquet", [("c", encode(RED), 1.0)], names=("caption", "jpg_0", "label_0"))
+    with pytest.raises(SSPOError, match=r"missing: jpg_1; found: caption, jpg_0, label_0"):
+        prepare(str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
+
+
+def test_on_error_fail_names_the_sample_and_reason(tmp_path, pick_a_pic_rows):
+    write_parquet(tmp_path / "pairs.parquet", pick_a_pic_rows)
+    with pytest.raises(SSPOError, match=r"pairs.parquet row 3: empty_caption"):
+        prepare(str(tmp_path / "pairs.parquet"), str(tmp_path / "out"), on_error="fail")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_before_any_work_and_left_untouched(folder_source, tmp_path):
+    output = tmp_path / "out"
+    prepare(str(folder_source), str(output), resolution=R)
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    # A missing source would fail later: the refusal must come first.
+    with pytest.raises(SSPOError, match="already exists"):
+        prepare(str(tmp_path / "nowhere"), str(output), resolution=R)
+    with pytest.raises(SSPOError, match="already exists"):
+        prepare(str(folder_source), str(output), resolution=R)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+def test_missing_source_and_source_without_valid_samples_are_refused(tmp_path):
+    with pytest.raises(SSPOError, match="not found: .*nowhere"):
+        prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.png").write_bytes(truncated_png())
+    (tmp_path / "empty" / "x.txt").write_text("x")
+    with pytest.raises(SSPOError, match="no valid samples"):
+        prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_limit_caps_the_number_of_samples(folder_source, tmp_path):
+    assert prepare(str(folder_source), str(tmp_path / "out"), resolution=R, limit=2)["num_samples"] == 2
+
+
+def test_file_url_source_and_output(folder_source, tmp_path):
+    summary = prepare(f"file://{folder_source}", f"file://{tmp_path}/out", resolution=R)
+    assert summary["num_samples"] == 4
+    assert len(ShardDataset(f"file://{tmp_path}/out")) == 4
+
+
+def test_resize_scales_the_shorter_side_then_center_crops():
+    # A wide image: blue margins around a green square that is exactly the centre crop.
+    image = Image.new("RGB", (48, 24), BLUE)
+    image.paste(GREEN, (12, 0, 36, 24))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    pixels = torch.tensor(to_pixels(buffer.getvalue(), 16)).permute(2, 0, 1)
+    assert pixels.shape == (3, 16, 16)
+    # Bicubic blends a pixel or two across the blue/green edges; the interior is pure green.
+    assert (pixels[:, :, 2:14] == torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1)).all()
+
+
+def test_batch_scales_pixels_to_unit_range(tmp_path):
+    (tmp_path / "src").mkdir()
+    for name, color in [("white", WHITE), ("black", BLACK)]:
+        (tmp_path / "src" / f"{name}.png").write_bytes(encode(color))
+        (tmp_path / "src" / f"{name}.txt").write_text(name)
+    prepare(str(tmp_path / "src"), str(tmp_path / "out"), resolution=R)
+
+    batch = ShardDataset(str(tmp_path / "out")).batch([1, 0, 1])
+
+    assert batch["pixels"].shape == (3, 3, R, R) and batch["pixels"].dtype == torch.float32
+    assert batch["captions"] == ["white", "black", "white"] and batch["loser_pixels"] is None
+    assert (batch["pixels"][0] == 1).all() and (batch["pixels"][1] == -1).all()
+
+
+def test_shard_dataset_detects_a_tampered_shard(folder_source, tmp_path):
+    prepare(str(folder_source), str(tmp_path / "out"), resolution=R)
+    shard = tmp_path / "out" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SSPOError, match="sha256"):
+        ShardDataset(str(tmp_path / "out"))
