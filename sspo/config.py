@@ -88,9 +88,9 @@ class TrainConfig:
     objective: str = field(default="sspo", metadata={"help": "sspo, dpo, spin or sft"})
     ssr: str = field(default="sign", metadata={"help": "self-sampling regularisation: sign, indicator, sft, off"})
     replay: str = field(default="uniform", metadata={"help": "reference draw: uniform, initial or latest"})
-    beta: float = 10.0
+    beta: float = field(default=400.0, metadata={"help": "DPO temperature; 400 for the toy model, ~5000 for SD-1.5"})
     shared_noise: bool = field(default=True, metadata={"help": "one (t, noise) draw for both images of a pair"})
-    steps: int = field(default=160, metadata={"help": "optimizer steps"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "per-process micro-batch"})
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4

@@ -52,7 +52,8 @@ def test_killed_and_resumed_run_ends_bit_identical(base_model, prepared, tmp_pat
     common = flags({"model": base_model, "data": prepared, "output": tmp_path / "resumed", "lora_rank": lora_rank,
                     **RESUME})
     halfway = tmp_path / "resumed" / "checkpoints" / "step-0000004" / "manifest.json"
-    process = subprocess.Popen(sspo_command("train", *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(sspo_command("train", *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not halfway.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -60,7 +61,7 @@ def test_killed_and_resumed_run_ends_bit_identical(base_model, prepared, tmp_pat
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
     assert halfway.exists() and not (tmp_path / "resumed" / "checkpoints" / "step-0000008").exists()
 
-    resumed = subprocess.run(sspo_command("train", *common), capture_output=True, text=True)
+    resumed = subprocess.run(sspo_command("train", *common), capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     for name in ("step-0000004", "step-0000008"):
@@ -76,7 +77,7 @@ def test_two_process_cpu_run(base_model, prepared, tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "sspo.cli", "train",
                *flags({"model": base_model, "data": prepared, "output": tmp_path / "ddp", **TINY})]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
@@ -85,12 +86,13 @@ def test_two_process_cpu_run(base_model, prepared, tmp_path):
 
 def test_bad_objective_is_one_clear_error(base_model, prepared, tmp_path):
     result = subprocess.run(sspo_command("train", "--objective", "ppo", "--output", str(tmp_path / "x")),
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "objective must be one of" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_dpo_needs_paired_data(base_model, prepared, tmp_path):
     result = subprocess.run(sspo_command("train", *flags({"model": base_model, "data": prepared, "objective": "dpo",
-                                                          "output": tmp_path / "dpo"})), capture_output=True, text=True)
+                                                          "output": tmp_path / "dpo"})),
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--keep-pairs" in result.stderr and "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +47,9 @@ class LoraReference:
         self.load_weights = load_weights
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
         self.current: str | None = None
-        unet.add_adapter(lora_config, adapter_name="reference")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter is meant
+            unet.add_adapter(lora_config, adapter_name="reference")
         unet.set_adapter("default")
 
     def prefetch(self, entry: str) -> None:

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sspo import config
+from sspo.errors import SSPOError
+
+
+def sspo(*args, cwd="/"):
+    """Runs outside the repository so its params.yaml does not apply."""
+    return subprocess.run([sys.executable, "-m", "sspo.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("stage", [None, *config.STAGES])
+def test_help_of_every_stage(stage):
+    result = sspo(*([stage] if stage else []), "--help")
+    assert result.returncode == 0
+    assert "usage: sspo" in result.stdout
+
+
+def test_every_config_field_is_a_flag():
+    text = sspo("train", "--help").stdout
+    for field in config.field_types(config.TrainConfig):
+        assert "--" + field.replace("_", "-") in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare", "--source", "/does/not/exist", "--output", "{tmp}/out"], "not found: /does/not/exist"),
+        (["prepare", "--source", "{tmp}", "--output", "{tmp}/out", "--on-error", "explode"], "on_error must be"),
+        (["train", "--beta", "-1"], "beta must be positive"),
+        (["train", "--steps", "1.5"], "steps='1.5' is not a valid int"),
+        (["evaluate", "--model", "{tmp}/nothing", "--output", "{tmp}/eval"], "not a directory"),
+        (["world", "--params", "{tmp}/missing.yaml"], "params file not found"),
+    ],
+)
+def test_bad_input_is_one_clear_message(tmp_path, args, message):
+    result = sspo(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_params_file_then_flags(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"steps": 7, "objective": "sft", "lora_rank": 4}}))
+    cfg = config.load("train", str(params), {"steps": "9"})
+    assert (cfg.steps, cfg.objective, cfg.lora_rank) == (9, "sft", 4)
+    params.write_text(yaml.safe_dump({"train": {"stepz": 7}}))
+    with pytest.raises(SSPOError, match="unknown key.*stepz"):
+        config.load("train", str(params), {})
+
+
+def test_outputs_are_never_overwritten(tmp_path):
+    assert sspo("world", "--output", str(tmp_path / "w"), "--samples-per-scene", "1").returncode == 0
+    before = (tmp_path / "w" / "manifest.json").read_text()
+    again = sspo("world", "--output", str(tmp_path / "w"), "--samples-per-scene", "1")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (tmp_path / "w" / "manifest.json").read_text() == before
