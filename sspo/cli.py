@@ -2,12 +2,16 @@
 
 Every config field of a stage is a flag; values come from the defaults, then the stage's section of params.yaml
 (`--params`, default ./params.yaml when it exists), then the flags.
+
+Command groups that are not a single stage (e.g. `sspo registry ...`) live in their own modules, listed in
+COMMAND_GROUPS: each has `add_commands(subparsers)`, whose parsers set a `handler(args) -> dict` default.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import sys
@@ -77,6 +81,9 @@ RUNNERS = {
 }
 
 
+COMMAND_GROUPS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models.")
     parser.add_argument("--version", action="version", version=f"sspo {__version__}")
@@ -97,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 sub.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
                                  help=f"{help_text} (default: {default})")
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).add_commands(stages)
     return parser
 
 
@@ -105,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "botocore", "s3fs", "aiobotocore", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "params")}
     try:
-        cfg = config.load(args.stage, args.params, overrides)
-        summary = RUNNERS[args.stage](cfg)
+        if hasattr(args, "handler"):
+            summary = args.handler(args)
+        else:
+            overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "params")}
+            summary = RUNNERS[args.stage](config.load(args.stage, args.params, overrides))
     except SSPOError as err:
         print(f"sspo {args.stage}: error: {err}", file=sys.stderr)
         return 2
