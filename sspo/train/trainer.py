@@ -90,22 +90,19 @@ def train(cfg: TrainConfig) -> dict:
     parts.text_encoder.to(device)
     unet = parts.unet
     torch.manual_seed(cfg.seed)
+
+    def load_entry(entry: str) -> dict:
+        """Weights of a replay pool entry: θ₀'s UNet file, or a checkpoint's unet.safetensors."""
+        if entry == BASE:
+            return load_safetensors(base_unet_weights(parts.path))
+        return load_safetensors(storage.fetch_dir(entry) / CHECKPOINT_WEIGHTS)
+
     if cfg.lora_rank:
         unet.requires_grad_(False)
         adapter = lora_config(cfg.lora_rank, cfg.lora_alpha)
         unet.add_adapter(adapter, adapter_name="default")
-
-        def load_entry(entry: str) -> dict:
-            return load_safetensors(storage.fetch_dir(entry) / CHECKPOINT_WEIGHTS)
-
         reference = LoraReference(unet, adapter, load_entry)
     else:
-
-        def load_entry(entry: str) -> dict:
-            if entry == BASE:
-                return load_safetensors(base_unet_weights(parts.path))
-            return load_safetensors(storage.fetch_dir(entry) / CHECKPOINT_WEIGHTS)
-
         reference = FullReference(copy.deepcopy(unet).to(device), cfg.replay_cache_size, load_entry)
     unet.to(device).train()
     if cfg.gradient_checkpointing:
