@@ -16,22 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-data/world/manifest.json: | setup
-	$(SSPO) world
-
-models/base/manifest.json: data/world/manifest.json
-	$(SSPO) bootstrap
-
-data/prepared/manifest.json: data/world/manifest.json
-	$(SSPO) prepare
-
-runs/sspo/metrics.json: models/base/manifest.json data/prepared/manifest.json
-	$(SSPO) train
-
-eval/sspo/manifest.json: runs/sspo/metrics.json
-	$(SSPO) evaluate
-
-demo: eval/sspo/manifest.json
+# The stages and their order live in dvc.yaml; `dvc repro` runs the ones whose inputs or params changed.
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@echo "Oracle score (mean of colour, shape, position correct); images in eval/sspo/"
 	@cat eval/sspo/table.md
 
@@ -42,4 +29,4 @@ bench: setup
 	$(BIN)/python bench/step_times.py
 
 clean-demo:
-	rm -rf data/world data/prepared models/base runs/sspo eval/sspo
+	rm -rf data/world data/prepared models/base runs/sspo runs/registered.json eval/sspo

@@ -51,7 +51,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sspo-bench-"))
 
     world, base = str(work / "world"), str(work / "base")
@@ -67,11 +66,13 @@ def main() -> None:
         run_train(config.load("train", None, {**common, "objective": objective, "output": str(run)}))
         step[objective] = median_step_seconds(run)
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = load_components(base)
-    unet = parts.unet.eval()
+    unet = parts.unet.eval().to(device)
+    parts.text_encoder.to(device)
     cond = encode_prompts(parts.tokenizer, parts.text_encoder, ["a red circle on the left"] * BATCH)
     uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
-    noise = torch.randn(BATCH, 4, parts.latent_size, parts.latent_size)
+    noise = torch.randn(BATCH, 4, parts.latent_size, parts.latent_size, device=device)
     sampling = time_calls(lambda: sample_latents(unet, parts.sample_scheduler, cond, uncond, noise, 10, 4.0), 5)
 
     # A pool of 50 entries written as checkpoint files, then random switches as training would draw them.
@@ -102,7 +103,7 @@ def main() -> None:
     full_switch_cold = switch_times(full_cold, full_entries, prefetch=False)
     full_cold.close()
 
-    lora_unet = load_components(base).unet
+    lora_unet = load_components(base).unet.to(device)
     adapter = lora_config(4, 4)
     lora_unet.add_adapter(adapter, adapter_name="default")
     lora_entries = []
@@ -122,7 +123,7 @@ def main() -> None:
         (f"replay switch, full, pool {POOL}, LRU 8 + prefetch", full_switch),
         (f"replay switch, full, pool {POOL}, cold load", full_switch_cold),
     ]
-    print(f"\ntoy model, batch {BATCH}, {torch.get_num_threads()} threads; medians; ratio = time / dpo step")
+    print(f"\ntoy model, batch {BATCH}, {device}, {torch.get_num_threads()} threads; medians; ratio = time / dpo step")
     print(f"{'measure':<52}{'seconds':>10}{'ratio':>8}")
     for name, seconds in rows:
         print(f"{name:<52}{seconds:>10.4f}{seconds / step['dpo']:>8.3f}")

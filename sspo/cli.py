@@ -59,9 +59,19 @@ def run_prepare(cfg: config.PrepareConfig) -> dict:
 
 
 def run_train(cfg: config.TrainConfig) -> dict:
+    from sspo import telemetry
     from sspo.train.trainer import train
 
-    return train(cfg)
+    with telemetry.serve_training(cfg.metrics_port):
+        return train(cfg)
+
+
+def run_register(cfg: config.RegisterConfig) -> dict:
+    from sspo.registry import register
+
+    record = register(cfg)
+    print(json.dumps(record))
+    return record
 
 
 def run_evaluate(cfg: config.EvaluateConfig) -> dict:
@@ -72,16 +82,43 @@ def run_evaluate(cfg: config.EvaluateConfig) -> dict:
     return {"output": cfg.output}
 
 
+def run_experiment(cfg: config.ExperimentConfig) -> dict:
+    from sspo.experiment import run_experiment as experiment
+
+    summary = experiment(cfg)
+    print(summary.pop("table"))
+    return summary
+
+
 RUNNERS = {
     "world": run_world,
     "bootstrap": run_bootstrap,
     "prepare": run_prepare,
     "train": run_train,
+    "register": run_register,
     "evaluate": run_evaluate,
+    "experiment": run_experiment,
 }
 
 
-COMMAND_GROUPS: tuple[str, ...] = ()
+COMMAND_GROUPS: tuple[str, ...] = ("sspo.registry", "sspo.pipelines.cli")
+
+
+def add_config_flags(sub: argparse.ArgumentParser, stage: str, cls) -> None:
+    """--params plus one flag per field of the stage's config dataclass."""
+    default_params = "params.yaml" if Path("params.yaml").exists() else None
+    sub.add_argument("--params", default=default_params, help=f"YAML file whose '{stage}' section sets defaults")
+    types = config.field_types(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = field.metadata.get("help", " ")
+        if types[field.name] is bool:
+            sub.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                             help=f"{help_text} (default: {default})")
+        else:
+            sub.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
+                             help=f"{help_text} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,20 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for stage, cls in config.STAGES.items():
         doc = cls.__doc__.strip()
-        sub = stages.add_parser(stage, help=doc, description=doc)
-        default_params = "params.yaml" if Path("params.yaml").exists() else None
-        sub.add_argument("--params", default=default_params, help=f"YAML file whose '{stage}' section sets defaults")
-        types = config.field_types(cls)
-        for field in dataclasses.fields(cls):
-            flag = "--" + field.name.replace("_", "-")
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            help_text = field.metadata.get("help", " ")
-            if types[field.name] is bool:
-                sub.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                                 help=f"{help_text} (default: {default})")
-            else:
-                sub.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
-                                 help=f"{help_text} (default: {default})")
+        add_config_flags(stages.add_parser(stage, help=doc, description=doc), stage, cls)
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_commands(stages)
     return parser
@@ -119,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = args.handler(args)
         else:
             overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "params")}
-            summary = RUNNERS[args.stage](config.load(args.stage, args.params, overrides))
+            stage_config = config.load(args.stage, args.params, overrides)
+            summary = RUNNERS[args.stage](stage_config)
+            from sspo import telemetry
+
+            telemetry.push_stage(args.stage, getattr(stage_config, "pushgateway", ""))
     except SSPOError as err:
         print(f"sspo {args.stage}: error: {err}", file=sys.stderr)
         return 2

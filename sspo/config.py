@@ -102,11 +102,16 @@ class TrainConfig:
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = same as rank)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint (and replay pool entry) every N steps"})
     replay_cache_size: int = field(default=8, metadata={"help": "full fine-tune: pool entries kept in host RAM"})
+    replay_from: list[str] = field(default_factory=list, metadata={
+        "help": "comma-separated extra replay pool entries after θ₀ for a fresh run: registry versions, "
+                "checkpoints or run folders of earlier runs, dvc:// paths"})
     sample_steps: int = field(default=10, metadata={"help": "DDIM steps for self-samples"})
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance for self-samples"})
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port while training (0 = off)"})
+    pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the final metrics (default $SSPO_PUSHGATEWAY)"})
 
     def validate(self):
         _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
@@ -119,6 +124,7 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"{name} must be positive")
         _require(self.replay_cache_size >= 2, "replay_cache_size must be at least 2 (current + prefetched)")
         _require(self.lora_rank >= 0, "lora_rank must be 0 (full fine-tune) or positive")
+        _require(0 <= self.metrics_port < 65536, "metrics_port must be 0 (off) or a TCP port")
         _require(self.learning_rate > 0, "learning_rate must be positive")
 
 
@@ -133,10 +139,72 @@ class EvaluateConfig:
     sample_steps: int = 20
     guidance: float = 4.0
     batch_size: int = 64
+    prompts: list[str] = field(default_factory=lambda: ["toy:train", "toy:heldout"], metadata={
+        "help": "comma-separated prompt sets: toy:train, toy:heldout, or [NAME=]URL of a .txt/.jsonl file"})
+    max_prompts: int = field(default=0, metadata={"help": "use the first N prompts of each set (0 = all)"})
+    scorers: list[str] = field(default_factory=lambda: ["oracle"], metadata={
+        "help": "comma-separated: oracle, pickscore, clipscore, hpsv2, aesthetic, imagereward"})
+    scorer_paths: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "reward model folders as NAME=URL,... (a mapping in params.yaml)"})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the win-rate interval"})
+    bootstrap_seed: int = 0
+    grid_prompts: int = field(default=48, metadata={"help": "prompts per grid image (0 = all)"})
+    pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the scores (default $SSPO_PUSHGATEWAY)"})
 
     def validate(self):
         _require(len(self.seeds) > 0, "seeds must list at least one seed")
         _require(self.sample_steps > 0, "sample_steps must be positive")
+        _require(len(self.prompts) > 0, "prompts must name at least one prompt set")
+        _require(len(self.scorers) > 0, "scorers must name at least one scorer")
+        _require(self.bootstrap_samples > 0, "bootstrap_samples must be positive")
+        _require(self.batch_size > 0, "batch_size must be positive")
+        _require(self.max_prompts >= 0 and self.grid_prompts >= 0, "max_prompts and grid_prompts must be 0 or positive")
+
+
+@dataclass
+class RegisterConfig:
+    """Publish a trained checkpoint as an immutable version of a named model in the checkpoint registry."""
+
+    registry: str = field(default="registry", metadata={"help": "registry root URL, e.g. s3://bucket/registry"})
+    name: str = field(default="sspo-toy", metadata={"help": "model name in the registry"})
+    checkpoint: str = field(default="runs/sspo", metadata={"help": "checkpoint URL, or a run folder (its latest)"})
+    data: str = field(default="", metadata={"help": "training data URL for the lineage ('' = the checkpoint's)"})
+    metrics: str = field(default="", metadata={"help": "metrics.json path or URL recorded with the version"})
+    alias: str = field(default="candidate", metadata={"help": "alias to point at the new version ('' = none)"})
+    version: str = field(default="", metadata={"help": "version id ('' = the next integer)"})
+    output: str = field(default="", metadata={
+        "help": "also write the version record (name, version, url) to this path or URL ('' = don't)"})
+
+    def validate(self):
+        _require(bool(self.registry), "registry must be a URL")
+        _require(bool(self.checkpoint), "checkpoint must be a URL")
+
+
+@dataclass
+class ExperimentConfig:
+    """Train every arm (sft, dpo, spin, sspo and its ablations) from one base with one budget; compare them."""
+
+    model: str = "models/base"
+    data: str = field(default="data/prepared", metadata={"help": "prepared shards with pairs (for the dpo arm)"})
+    data_split: str = "train"
+    output: str = "experiments/toy"
+    shared_params: str = field(
+        default="params.yaml", metadata={"help": "YAML whose train and evaluate sections every arm shares"}
+    )
+    arms: list[str] = field(
+        default_factory=lambda: ["sft", "dpo", "spin", "sspo", "sspo-replay-initial", "sspo-replay-latest",
+                                 "sspo-ssr-off", "sspo-ssr-indicator"],
+        metadata={"help": "comma-separated arms"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds per arm"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps of every arm (same budget for all)"})
+    batch_size: int = 16
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "sampling seeds per prompt"})
+    eval_sample_steps: int = 20
+
+    def validate(self):
+        _require(len(self.arms) > 0 and len(self.seeds) > 0, "arms and seeds must not be empty")
+        _require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
 
 
 STAGES = {
@@ -144,7 +212,9 @@ STAGES = {
     "bootstrap": BootstrapConfig,
     "prepare": PrepareConfig,
     "train": TrainConfig,
+    "register": RegisterConfig,
     "evaluate": EvaluateConfig,
+    "experiment": ExperimentConfig,
 }
 
 
@@ -169,6 +239,10 @@ def coerce(name: str, kind, value):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if typing.get_origin(kind) is dict:
+            items = value if isinstance(value, dict) else dict(
+                item.split("=", 1) for item in str(value).split(",") if item.strip())
+            return {str(k).strip(): str(v).strip() for k, v in items.items()}
         if typing.get_origin(kind) is list:
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
             return [typing.get_args(kind)[0](item) for item in items]

@@ -72,7 +72,13 @@ def lora_config(rank: int, alpha: float) -> LoraConfig:
 
 
 def resolve_checkpoint(url: str) -> str:
-    """A checkpoint URL, or a run folder whose latest published checkpoint is meant."""
+    """A checkpoint URL (a registry version folder is one), a run folder whose latest published checkpoint is
+    meant, or a .json pointer with a "url" (a registry alias object, or the record `sspo register` writes)."""
+    if str(url).split("?")[0].endswith(".json"):
+        pointer = storage.read_json(url)
+        if not isinstance(pointer, dict) or "url" not in pointer:
+            raise SSPOError(f"{url} is not a checkpoint pointer (a JSON object with a \"url\")")
+        return resolve_checkpoint(pointer["url"])
     if storage.exists(storage.join(url, CHECKPOINT_INFO)):
         return url
     latest = latest_checkpoint(storage.join(url, "checkpoints"))

@@ -1,30 +1,61 @@
 """Every input and output is an fsspec URL: a local path, file://, s3:// (endpoint and credentials from the usual
-AWS environment variables) or any other protocol fsspec knows.
+AWS environment variables), DVC-tracked data at a git revision, or any other protocol fsspec knows.
+
+DVC-tracked paths use the form `dvc://<path in the repo>?repo=<git URL or local dir>&rev=<git revision>`; `repo`
+defaults to the current directory and `rev` to its working tree. They are read-only, and are read through DVC's
+fsspec filesystem, which takes the data from the repository's DVC cache or its default remote.
 
 Directories that other stages trust (datasets, checkpoints) carry a `manifest.json` with the sha256 of every file.
-The manifest is written last, with an exclusive create, so a reader never trusts a half-written directory.
+The manifest is written last, with a conditional create, so a reader never trusts a half-written directory, and of
+two writers of one directory only one succeeds. Transient storage errors (lost connections, timeouts, 5xx and
+throttling answers) are retried with exponential backoff a bounded number of times.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
-import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from sspo.errors import SSPOError
 
 MANIFEST = "manifest.json"
+DVC_SCHEME = "dvc://"
+# Attempts and first back-off delay for transient storage errors; the delay doubles after each failed attempt.
+RETRY_ATTEMPTS_ENV = "SSPO_STORAGE_ATTEMPTS"
+RETRY_DELAY_ENV = "SSPO_STORAGE_RETRY_DELAY"
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.EPIPE, errno.EREMOTEIO}
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "ServiceUnavailable", "InternalError", "503", "500"}
+
+log = logging.getLogger(__name__)
+
+
+class PublishConflict(SSPOError):
+    """Another writer published (or is publishing) the same URL."""
 
 
 def is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
+
+
+def is_dvc(url: str) -> bool:
+    return str(url).startswith(DVC_SCHEME)
 
 
 def local_path(url: str) -> Path:
@@ -32,27 +63,114 @@ def local_path(url: str) -> Path:
 
 
 def join(url: str, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *parts])
+    """`url` with path parts appended (before the query of a dvc:// URL)."""
+    base, separator, query = str(url).partition("?") if is_dvc(url) else (str(url), "", "")
+    return "/".join([base.rstrip("/"), *parts]) + separator + query
+
+
+def parent(url: str) -> str:
+    """The folder that holds `url`."""
+    base, separator, query = str(url).partition("?") if is_dvc(url) else (str(url), "", "")
+    return base.rstrip("/").rsplit("/", 1)[0] + separator + query
+
+
+def dvc_url(path: str, repo: str = "", rev: str = "") -> str:
+    query = "&".join(f"{key}={value}" for key, value in (("repo", repo), ("rev", rev)) if value)
+    return f"{DVC_SCHEME}{path.strip('/')}" + (f"?{query}" if query else "")
+
+
+def parse_dvc_url(url: str) -> tuple[str, str, str | None]:
+    """(path in the repo, repo, rev) of a dvc:// URL."""
+    parts = urlsplit(str(url))
+    path = (parts.netloc + parts.path).strip("/")
+    query = parse_qs(parts.query)
+    unknown = sorted(set(query) - {"repo", "rev"})
+    if not path or unknown:
+        raise SSPOError(f"bad DVC URL {url}: use dvc://<path in the repo>?repo=<git URL or dir>&rev=<revision>")
+    repo = query.get("repo", ["."])[0]
+    if "://" not in repo and not repo.startswith("git@"):
+        repo = os.path.abspath(repo)
+    return path, repo, query.get("rev", [None])[0]
+
+
+@functools.lru_cache(maxsize=8)
+def dvc_filesystem(repo: str, rev: str | None):
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+
+    try:
+        fs = DVCFileSystem(repo, rev=rev)
+        fs.repo.get_rev()  # opens the repository and resolves the revision now, not on first read
+        return fs
+    except DvcException as err:
+        raise SSPOError(f"cannot open the DVC repository {repo} at {rev or 'its working tree'}: {err}") from None
 
 
 def filesystem(url: str):
+    if is_dvc(url):
+        path, repo, rev = parse_dvc_url(url)
+        return dvc_filesystem(repo, rev), path
     try:
         return url_to_fs(str(url))
     except (ImportError, ValueError) as err:
         raise SSPOError(f"cannot open {url}: {err}") from err
 
 
+def require_writable(url: str) -> None:
+    if is_dvc(url):
+        raise SSPOError(f"{url}: dvc:// URLs are read-only; write to a path or s3:// URL and track it with DVC")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Lost connections, timeouts, 5xx and throttling answers: worth another attempt."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(err, ClientError):
+        response = err.response or {}
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or response.get("Error", {}).get("Code") in TRANSIENT_CODES
+    if isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS:
+        return True
+    # s3fs turns a ClientError into an OSError whose cause is the original answer
+    return err.__cause__ is not None and is_transient(err.__cause__)
+
+
+def retry(action, what: str):
+    """`action()`, retried with exponential backoff (and jitter) while it fails with a transient error."""
+    attempts = max(1, int(os.environ.get(RETRY_ATTEMPTS_ENV, "5")))
+    delay = float(os.environ.get(RETRY_DELAY_ENV, "0.5"))
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if attempt == attempts:
+                raise SSPOError(f"{what} failed after {attempts} attempts: {err}") from err
+            wait = min(delay * 2 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.0)
+            log.warning("%s failed (%s); attempt %d of %d in %.1f s", what, err, attempt + 1, attempts, wait)
+            time.sleep(wait)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retry(lambda: fs.exists(path), f"checking {url}")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        return retry(lambda: fs.cat_file(path), f"reading {url}")
+    except FileNotFoundError as err:
+        raise SSPOError(f"not found: {url}") from err
 
 
 def read_text(url: str) -> str:
-    try:
-        with fsspec.open(str(url), "r") as f:
-            return f.read()
-    except FileNotFoundError as err:
-        raise SSPOError(f"not found: {url}") from err
+    return read_bytes(url).decode()
 
 
 def read_json(url: str):
@@ -64,10 +182,42 @@ def read_json(url: str):
 
 
 def write_text(url: str, text: str) -> None:
-    if is_local(url):
-        local_path(url).parent.mkdir(parents=True, exist_ok=True)
-    with fsspec.open(str(url), "w") as f:
-        f.write(text)
+    """Write (or replace) a small object with a single PUT."""
+    require_writable(url)
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    retry(lambda: fs.pipe_file(path, text.encode()), f"writing {url}")
+
+
+def create_file(fs, local_file: Path, remote: str) -> bool:
+    """Upload `local_file` only if `remote` does not exist yet; False when it did. The object appears whole."""
+    if isinstance(fs, LocalFileSystem):
+        Path(remote).parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(remote).with_name(f".{Path(remote).name}.{uuid.uuid4().hex}.partial")
+        shutil.copyfile(local_file, staged)
+        try:
+            os.link(staged, remote)  # atomic, and fails if the name exists
+        except FileExistsError:
+            return False
+        finally:
+            staged.unlink()
+        return True
+    try:
+        fs.put_file(str(local_file), remote, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def create_bytes(url: str, data: bytes) -> bool:
+    """Create the object at `url` holding `data` unless it exists; False when it did."""
+    require_writable(url)
+    fs, path = filesystem(url)
+    with tempfile.NamedTemporaryFile() as staged:
+        staged.write(data)
+        staged.flush()
+        return retry(lambda: create_file(fs, Path(staged.name), path), f"creating {url}")
 
 
 def sha256_file(path: Path) -> str:
@@ -78,29 +228,70 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def remote_digest(fs, path: str) -> tuple[str, int]:
+    """(sha256, bytes) of a stored object, read back from the store."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SSPO_CACHE", Path.home() / ".cache" / "sspo"))
 
 
+def download_dir(url: str, dest: Path, require_manifest: bool = False) -> Path:
+    """Download the folder at `url` to the new local folder `dest`, verified against its manifest when it has one.
+
+    The files land in a sibling staging folder first, so `dest` appears only once complete and verified.
+    """
+    fs, remote = filesystem(url)
+    if not retry(lambda: fs.isdir(remote), f"checking {url}"):
+        raise SSPOError(f"not found: {url}")
+    partial = dest.with_name(f".{dest.name}.partial")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def get():
+        shutil.rmtree(partial, ignore_errors=True)
+        fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
+
+    try:
+        retry(get, f"downloading {url}")
+        if require_manifest or (partial / MANIFEST).exists():
+            try:
+                verify_dir(partial)
+            except SSPOError as err:
+                raise SSPOError(f"refusing {url}: {str(err).replace(str(partial), 'the download')}") from None
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest
+
+
 def fetch_dir(url: str) -> Path:
-    """A local directory holding the contents of `url`; remote directories are downloaded into the cache once."""
+    """A local directory holding the contents of `url`; remote directories are downloaded into the cache once.
+
+    A remote directory with a manifest is verified on download and then served from the cache; one without is
+    downloaded again each time, since nothing says it is complete.
+    """
     if is_local(url):
         path = local_path(url)
         if not path.is_dir():
             raise SSPOError(f"not a directory: {url}")
         return path
-    fs, remote = filesystem(url)
-    if not fs.isdir(remote):
-        raise SSPOError(f"not found: {url}")
-    dest = cache_root() / "fetched" / hashlib.sha256(str(url).encode()).hexdigest()[:16]
-    if (dest / MANIFEST).exists():
+    key, cacheable = str(url), True
+    if is_dvc(url):
+        path, repo, rev = parse_dvc_url(url)
+        cacheable = rev is not None  # a working tree changes under the same URL
+        if cacheable:
+            key = dvc_url(path, repo, dvc_filesystem(repo, rev).repo.get_rev())  # a branch is pinned to its commit
+    dest = cache_root() / "fetched" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if cacheable and (dest / MANIFEST).exists():
         return dest
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.rename(dest)
-    return dest
+    return download_dir(url, dest)
 
 
 def write_manifest(directory: Path, extra: dict | None = None) -> dict:
@@ -128,22 +319,46 @@ def verify_dir(directory: Path) -> dict:
     return manifest
 
 
-def publish_dir(local_dir: Path, url: str, extra: dict | None = None) -> str:
-    """Copy `local_dir` to `url`, then write its manifest last with an exclusive create."""
-    manifest = write_manifest(local_dir, extra)
+def publish_dir(local_dir: Path, url: str, extra: dict | None = None, *, exclusive: bool = False,
+                verify: bool = False) -> str:
+    """Copy `local_dir` to `url`, then write its manifest last with a conditional create.
+
+    exclusive: every file is created only if absent (an identical file left by an earlier, failed attempt is
+    kept), so a concurrent publisher of the same URL can never overwrite a file of the one that wins.
+    verify: re-read every uploaded file from the store and check its size and sha256 before the manifest.
+    """
+    require_writable(url)
+    # publish_id makes every manifest unique, so a retried create can tell its own manifest from another writer's
+    manifest = write_manifest(local_dir, {**(extra or {}), "publish_id": uuid.uuid4().hex})
     fs, remote = filesystem(url)
-    if fs.exists(join(remote, MANIFEST)):
-        raise SSPOError(f"{url} already exists; outputs are never overwritten")
+    fs.invalidate_cache(remote)
+    if retry(lambda: fs.exists(join(remote, MANIFEST)), f"checking {url}"):
+        raise PublishConflict(f"{url} already exists; outputs are never overwritten")
     if not (is_local(url) and local_path(url).resolve() == local_dir.resolve()):
-        fs.makedirs(remote, exist_ok=True)
-        for name in manifest["files"]:
-            fs.makedirs(os.path.dirname(join(remote, name)), exist_ok=True)
-            fs.put_file(str(local_dir / name), join(remote, name))
-    try:
-        with fs.open(join(remote, MANIFEST), "xb") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-    except FileExistsError as err:
-        raise SSPOError(f"{url} was published by another writer at the same time") from err
+        retry(lambda: fs.makedirs(remote, exist_ok=True), f"creating {url}")
+        for name, entry in manifest["files"].items():
+            target = join(remote, name)
+            if isinstance(fs, LocalFileSystem):
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                created = retry(lambda: create_file(fs, local_dir / name, target), f"uploading {name} to {url}")
+                if not created and retry(lambda: remote_digest(fs, target), f"reading {target}") != (
+                        entry["sha256"], entry["bytes"]):
+                    raise PublishConflict(
+                        f"{url} is being published by another writer (or an earlier failed attempt left a different "
+                        f"{name} there; it has no {MANIFEST}, so nobody trusts it: remove it or choose another URL)"
+                    )
+            else:
+                retry(lambda: fs.put_file(str(local_dir / name), target), f"uploading {name} to {url}")
+        if verify:
+            for name, entry in manifest["files"].items():
+                target = join(remote, name)
+                if retry(lambda: remote_digest(fs, target), f"reading {target}") != (entry["sha256"], entry["bytes"]):
+                    raise SSPOError(f"{url}: {name} differs from the local file after upload; nothing was published")
+    payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    manifest_url = join(url, MANIFEST)
+    if not create_bytes(manifest_url, payload) and read_bytes(manifest_url) != payload:
+        raise PublishConflict(f"{url} was published by another writer at the same time")
     return url
 
 
@@ -153,15 +368,15 @@ def staged_output(url: str, extra: dict | None = None):
 
     An existing output is never touched: a complete one is refused, and so is a leftover without a manifest.
     """
-    fs, remote = filesystem(url)
-    if fs.exists(join(remote, MANIFEST)):
+    require_writable(url)
+    if exists(join(url, MANIFEST)):
         raise SSPOError(f"{url} already exists; outputs are never overwritten (choose another output)")
     if is_local(url) and local_path(url).exists():
         raise SSPOError(f"{url} exists but holds no complete output (no {MANIFEST}); remove it first")
-    parent = local_path(url).parent if is_local(url) else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sspo-staging-", dir=parent) as staging:
+    parent_dir = local_path(url).parent if is_local(url) else None
+    if parent_dir is not None:
+        parent_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sspo-staging-", dir=parent_dir) as staging:
         staging = Path(staging)
         meta = extra if extra is not None else {}
         yield staging, meta

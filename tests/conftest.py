@@ -31,3 +31,31 @@ def prepared(toy_world, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("toy") / "prepared")
     run_prepare(config.load("prepare", None, {"source": toy_world, "output": output}))
     return output
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (moto) on loopback with a bucket; the AWS variables point at it for the rest of the session,
+    and the sspo cache is private to the session (remote URLs are cached by name)."""
+    from s3server import S3Server, apply_env, restore_env
+
+    server = S3Server()
+    server.start()
+    previous = apply_env({**server.env(), "SSPO_CACHE": str(tmp_path_factory.mktemp("sspo-cache"))})
+    server.ensure_bucket()
+    yield server
+    restore_env(previous)
+    if server.running:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_run(base_model, prepared, tmp_path_factory):
+    """A two-step full fine-tune with a published checkpoint after each step."""
+    from sspo.cli import run_train
+
+    output = str(tmp_path_factory.mktemp("toy") / "run")
+    overrides = {"model": base_model, "data": prepared, "output": output, "steps": 2, "batch_size": 2,
+                 "save_every": 1, "sample_steps": 2, "lr_warmup_steps": 1}
+    run_train(config.load("train", None, overrides))
+    return output

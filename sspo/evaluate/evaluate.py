@@ -1,30 +1,31 @@
-"""Fixed prompts × fixed seeds for the base and the trained model, scored by the toy oracle.
+"""Fixed prompts × fixed seeds for the base and the trained model, scored by every chosen scorer.
 
-Base and trained model get the same initial noise for each (prompt, seed), so their images pair up and a win rate
-compares like with like. Every image is kept as a PNG with a JSONL index, so any run can be re-scored later.
+Base and trained model get the same sampler, steps, guidance and initial noise for each (prompt, seed), so their
+images pair up and a win rate compares like with like. Every image is kept as a PNG, listed in index.jsonl with its
+prompt, attributes, seed, model and scores, so any run can be re-scored later.
+
+Outputs: metrics.json, table.md, report.md, report.html, grid-<set>.png, plots/<model>.csv, images/, index.jsonl.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from sspo import storage
+from sspo import storage, telemetry
 from sspo.config import EvaluateConfig, to_json
+from sspo.evaluate import prompts as prompt_sets
+from sspo.evaluate import report, scorers
 from sspo.models import apply_checkpoint, load_components, resolve_checkpoint
 from sspo.progress import Progress
 from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
-from sspo.toy import oracle
-from sspo.toy.world import ATTRIBUTES, split_scenes
 from sspo.train.replay import counter_rng
 
-log = logging.getLogger(__name__)
-SPLITS = ("train", "heldout")
+table = report.table
 
 
 def initial_noise(seed: int, prompt_index: int, shape: tuple) -> torch.Tensor:
@@ -50,28 +51,27 @@ def generate(parts, unet, prompts: list[str], seeds: list[int], cfg: EvaluateCon
     return np.concatenate(images).reshape(len(prompts), len(seeds), *images[0].shape[1:])
 
 
-def grid(rows: list[str], columns: list[str], images: np.ndarray, scale: int = 3) -> Image.Image:
-    """A labelled grid: one row per prompt, one column per (model, seed); `images` is (rows, columns, H, W, 3)."""
-    size = images.shape[2] * scale
-    label_width, header = 200, 16
-    canvas = Image.new("RGB", (label_width + size * len(columns), header + size * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(columns):
-        draw.text((label_width + c * size + 2, 2), name, fill="black")
-    for r, prompt in enumerate(rows):
-        draw.text((4, header + r * size + size // 2 - 5), prompt, fill="black")
-        for c in range(len(columns)):
-            tile = Image.fromarray(images[r, c]).resize((size, size), Image.NEAREST)
-            canvas.paste(tile, (label_width + c * size, header + r * size))
-    return canvas
+def score_all(chosen: list[scorers.Scorer], images: list[Image.Image], texts: list[str], scenes: list,
+              batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """{scorer: {"score": per-image scores, plus the oracle's per-attribute correctness}}."""
+    results = {}
+    for scorer in chosen:
+        parts = []
+        for start in range(0, len(images), batch_size):
+            window = slice(start, start + batch_size)
+            batch = (images[window], texts[window], scenes[window])
+            parts.append({"score": scorer.score(*batch), **scorer.attributes(batch[0], batch[2])})
+        results[scorer.name] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return results
 
 
-def summarize(scores: list[dict]) -> dict:
-    keys = ("score", *ATTRIBUTES)
-    return {key: float(np.mean([s[key] for s in scores])) for key in keys} | {"n": len(scores)}
+def _json_number(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts)
+    chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
     parts = load_components(cfg.model)
     unets = {"base": parts.unet.eval()}
     checkpoint = None
@@ -81,49 +81,65 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         apply_checkpoint(unets["trained"], checkpoint)
         unets["trained"].eval()
 
-    metrics: dict = {"models": {}, "checkpoint": checkpoint, "config": json.loads(to_json(cfg))}
-    index_rows, per_image = [], {}
+    metrics: dict = {
+        "config": json.loads(to_json(cfg)),
+        "checkpoint": checkpoint,
+        "sampler": {"scheduler": type(parts.sample_scheduler).__name__, "steps": cfg.sample_steps,
+                    "guidance": cfg.guidance, "seeds": cfg.seeds, "latent_size": parts.latent_size},
+        "prompt_sets": {s.name: {"source": spec, "prompts": len(s.prompts)} for s, spec in zip(sets, cfg.prompts)},
+        "scorers": list(cfg.scorers),
+        "splits": [s.name for s in sets],
+        "models": {name: {} for name in unets},
+    }
+    index_rows = []
+    scores: dict = {}  # (model, split) -> score_all() result
     with storage.staged_output(cfg.output) as (staging, manifest_extra):
-        for split in SPLITS:
-            scenes = split_scenes(split)
-            prompts = [scene.prompt for scene in scenes]
+        for prompt_set in sets:
+            split, texts = prompt_set.name, prompt_set.prompts
             images = {}
-            for name, unet in unets.items():
-                images[name] = generate(parts, unet, prompts, cfg.seeds, cfg, desc=f"evaluate {name} {split}")
-                scores = []
-                for p, scene in enumerate(scenes):
-                    for s, seed in enumerate(cfg.seeds):
-                        result = oracle.score(images[name][p, s], scene)
-                        file = f"images/{name}/{split}/{p:03d}-seed{seed}.png"
-                        (staging / file).parent.mkdir(parents=True, exist_ok=True)
-                        Image.fromarray(images[name][p, s]).save(staging / file)
-                        index_rows.append({"file": file, "model": name, "split": split, "prompt": prompts[p],
-                                           **scene.as_dict(), "seed": seed, "scores": {"oracle": result}})
-                        per_image[(name, split, p, seed)] = result["score"]
-                        scores.append(result)
-                metrics["models"].setdefault(name, {})[split] = summarize(scores)
-            columns = [f"{name} s{seed}" for name in unets for seed in cfg.seeds]
-            tiles = np.concatenate([images[name] for name in unets], axis=1)
-            grid(prompts, columns, tiles).save(staging / f"grid-{split}.png")
-            if "trained" in unets:
-                outcomes = [
-                    np.sign(per_image[("trained", split, p, seed)] - per_image[("base", split, p, seed)])
-                    for p in range(len(scenes)) for seed in cfg.seeds
-                ]
-                metrics.setdefault("win_rate", {})[split] = float(np.mean([(o + 1) / 2 for o in outcomes]))
+            for model, unet in unets.items():
+                images[model] = generate(parts, unet, texts, cfg.seeds, cfg, desc=f"evaluate {model} {split}")
+                pil = [Image.fromarray(image) for row in images[model] for image in row]
+                flat_texts = [t for t in texts for _ in cfg.seeds]
+                flat_scenes = [scene for scene in prompt_set.scenes for _ in cfg.seeds]
+                result = score_all(chosen, pil, flat_texts, flat_scenes, cfg.batch_size)
+                scores[model, split] = result
+                metrics["models"][model][split] = {name: report.summarize(by_key) for name, by_key in result.items()}
+                for i, image in enumerate(pil):
+                    p, s = divmod(i, len(cfg.seeds))
+                    file = f"images/{model}/{split}/{p:04d}-seed{cfg.seeds[s]}.png"
+                    (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                    image.save(staging / file)
+                    scene = prompt_set.scenes[p]
+                    index_rows.append({
+                        "file": file, "model": model, "split": split, "prompt": texts[p],
+                        **(scene.as_dict() if scene else {}), "seed": cfg.seeds[s],
+                        "scores": {name: {key: _json_number(values[i]) for key, values in by_key.items()}
+                                   for name, by_key in result.items()},
+                    })
+            shown = cfg.grid_prompts or len(texts)
+            columns = [f"{model} s{seed}" for model in unets for seed in cfg.seeds]
+            tiles = np.concatenate([images[model][:shown] for model in unets], axis=1)
+            report.grid(texts[:shown], columns, tiles).save(staging / f"grid-{split}.png")
+
+        if "trained" in unets:
+            metrics["win_rate"] = {}
+            for name in cfg.scorers:
+                pairs = {split: (scores["trained", split][name]["score"], scores["base", split][name]["score"])
+                         for split in metrics["splits"]}
+                pairs["all"] = tuple(np.concatenate([pair[i] for pair in pairs.values()]) for i in (0, 1))
+                metrics["win_rate"][name] = {
+                    split: report.win_rate(trained, base, cfg.bootstrap_samples, cfg.bootstrap_seed)
+                    for split, (trained, base) in pairs.items()
+                }
+
         with open(staging / "index.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in index_rows)
+        report.write_plots(staging, index_rows, list(cfg.scorers))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (staging / "table.md").write_text(table(metrics))
+        (staging / "table.md").write_text(report.table(metrics))
+        (staging / "report.md").write_text(report.markdown(metrics))
+        (staging / "report.html").write_text(report.html_report(metrics, staging))
+        manifest_extra["scorers"] = list(cfg.scorers)
+    telemetry.record_evaluation(metrics)
     return metrics
-
-
-def table(metrics: dict) -> str:
-    """Markdown table of oracle scores (mean of colour, shape, position) per model and split."""
-    lines = ["| model | train prompts | held-out prompts |", "|---|---|---|"]
-    for name, splits in metrics["models"].items():
-        lines.append(f"| {name} | {splits['train']['score']:.3f} | {splits['heldout']['score']:.3f} |")
-    if "win_rate" in metrics:
-        rates = metrics["win_rate"]
-        lines.append(f"| win rate trained vs base | {rates['train']:.3f} | {rates['heldout']:.3f} |")
-    return "\n".join(lines) + "\n"

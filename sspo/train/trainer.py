@@ -21,10 +21,11 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from sspo import objectives, storage
+from sspo import objectives, storage, telemetry
 from sspo.config import TrainConfig, to_json
 from sspo.errors import SSPOError
 from sspo.models import (
+    CHECKPOINT_INFO,
     CHECKPOINT_WEIGHTS,
     apply_checkpoint,
     base_unet_weights,
@@ -32,6 +33,7 @@ from sspo.models import (
     load_components,
     lora_config,
     per_sample_error,
+    resolve_checkpoint,
 )
 from sspo.prepare import ShardDataset
 from sspo.progress import Progress
@@ -60,6 +62,24 @@ def run_folder(output: str) -> Path:
     if storage.is_local(output):
         return storage.local_path(output)
     return storage.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
+
+
+def replay_entries(cfg: TrainConfig) -> list[str]:
+    """The `replay_from` entries as checkpoint URLs; each must hold weights of this run's kind (and LoRA shape)."""
+
+    def describe(kind: str, rank: int, alpha: float) -> str:
+        return f"a LoRA adapter (rank {rank}, alpha {alpha:g})" if kind == "lora" else "full UNet weights"
+
+    wanted = describe("lora" if cfg.lora_rank else "full", cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+    entries = []
+    for url in cfg.replay_from:
+        checkpoint = resolve_checkpoint(url)
+        info = storage.read_json(storage.join(checkpoint, CHECKPOINT_INFO))
+        found = describe(info.get("kind"), info.get("lora_rank", 0), info.get("lora_alpha", 0))
+        if found != wanted:
+            raise SSPOError(f"replay_from entry {url} holds {found}, but this run needs {wanted}")
+        entries.append(checkpoint)
+    return entries
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -130,6 +150,8 @@ def train(cfg: TrainConfig) -> dict:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         step, pool = state["step"], state["pool"]
         log.info("resuming %s at step %d with a replay pool of %d", cfg.output, step, len(pool))
+    else:
+        pool = [BASE, *replay_entries(cfg)]
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if is_main:
@@ -213,7 +235,8 @@ def train(cfg: TrainConfig) -> dict:
             }
             staging = local_dir / "checkpoints" / name
             write_checkpoint(staging, weights, info, optimizer.state_dict(), state)
-            storage.publish_dir(staging, url)
+            with telemetry.checkpoint_publish_seconds.time():
+                storage.publish_dir(staging, url)
         accelerator.wait_for_everyone()
         return pool_after
 
@@ -240,6 +263,7 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             log_file.write(json.dumps(last_stats) + "\n")
             log_file.flush()
+            telemetry.record_step(last_stats, cfg.batch_size * cfg.gradient_accumulation_steps * world_size)
         progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
         if step % cfg.save_every == 0 or step == cfg.steps:
             pool = save(step, pool)
@@ -251,9 +275,12 @@ def train(cfg: TrainConfig) -> dict:
         summary = {"final_step": step, "checkpoint": storage.join(checkpoints_url, checkpoint_name(step)),
                    "pool_size": len(pool), **{f"final_{k}": v for k, v in last_stats.items() if k != "step"}}
         (local_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        # the same log as one JSON array, a format `dvc plots` reads (it does not read JSON lines)
+        rows = [json.loads(line) for line in (local_dir / "train_log.jsonl").read_text().splitlines()]
+        (local_dir / "train_log.json").write_text(json.dumps(rows))
         if not storage.is_local(cfg.output):
             fs, remote = storage.filesystem(cfg.output)
-            for name in ("config.json", "train_log.jsonl", "metrics.json"):
+            for name in ("config.json", "train_log.jsonl", "train_log.json", "metrics.json"):
                 fs.put_file(str(local_dir / name), storage.join(remote, name))
         return summary
     return {}

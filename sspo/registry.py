@@ -1,0 +1,291 @@
+"""The checkpoint registry: named, immutable, versioned checkpoints with lineage, and movable aliases, in any
+storage URL (s3://bucket/registry, a local folder, ...).
+
+Layout under a registry root:
+
+    <root>/<name>/versions/<version>/     unet.safetensors, checkpoint.json, lineage.json, manifest.json
+    <root>/<name>/aliases/<alias>.json    {"name", "alias", "version", "url", "updated_at", "previous"}
+    <root>/<name>/aliases/<alias>.history/<time>-<id>.json   one object per change, never overwritten
+
+A version folder is a checkpoint folder, so its URL works wherever a checkpoint URL does (evaluate --checkpoint,
+train --replay-from). Its files are uploaded with conditional creates, read back and checked, and the manifest is
+written last with a conditional create: a version is visible only once complete, and of two publishers of one
+version exactly one wins. An alias is replaced by a single PUT of the whole object; its history keeps one object per
+change, so concurrent promotions cannot lose an entry. An alias object (or the record `sspo register --output`
+writes) also works as a checkpoint URL: it points at its version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sspo import __version__, storage
+from sspo.config import RegisterConfig
+from sspo.errors import SSPOError
+from sspo.models import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, resolve_checkpoint
+
+LINEAGE = "lineage.json"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+AUTO_VERSION_TRIES = 5
+
+
+def check_name(kind: str, value: str) -> str:
+    if not SAFE_NAME.match(value or ""):
+        raise SSPOError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-' (not first)")
+    return value
+
+
+def model_url(root: str, name: str) -> str:
+    return storage.join(root, check_name("model name", name))
+
+
+def version_url(root: str, name: str, version: str) -> str:
+    return storage.join(model_url(root, name), "versions", check_name("version", version))
+
+
+def alias_url(root: str, name: str, alias: str) -> str:
+    return storage.join(model_url(root, name), "aliases", f"{check_name('alias', alias)}.json")
+
+
+def _children(url: str) -> list[str]:
+    """Names of the entries directly below `url` (none if it does not exist)."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)
+    if not storage.retry(lambda: fs.exists(path), f"checking {url}"):
+        return []
+    entries = storage.retry(lambda: fs.ls(path, detail=False), f"listing {url}")
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+
+def _version_order(version: str):
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+def list_versions(root: str, name: str) -> list[str]:
+    """Complete (published) versions, integers in numeric order first."""
+    folders = _children(storage.join(model_url(root, name), "versions"))
+    published = [v for v in folders if storage.exists(storage.join(version_url(root, name, v), storage.MANIFEST))]
+    return sorted(published, key=_version_order)
+
+
+def next_version(root: str, name: str) -> str:
+    """One more than the highest integer version folder, complete or not (a failed attempt's number is skipped)."""
+    numbers = [int(v) for v in _children(storage.join(model_url(root, name), "versions")) if v.isdigit()]
+    return str(max(numbers, default=0) + 1)
+
+
+def list_aliases(root: str, name: str) -> dict[str, str]:
+    aliases = [a.removesuffix(".json") for a in _children(storage.join(model_url(root, name), "aliases"))
+               if a.endswith(".json")]
+    return {alias: read_alias(root, name, alias)["version"] for alias in aliases}
+
+
+def read_alias(root: str, name: str, alias: str) -> dict:
+    url = alias_url(root, name, alias)
+    if not storage.exists(url):
+        raise SSPOError(f"{name} has no alias {alias!r} in {root}")
+    return storage.read_json(url)
+
+
+def resolve_version(root: str, name: str, version: str = "", alias: str = "") -> str:
+    """The version meant by exactly one of `version` and `alias`; it must be published."""
+    if bool(version) == bool(alias):
+        raise SSPOError("give exactly one of --version and --alias")
+    if alias:
+        version = read_alias(root, name, alias)["version"]
+    if not storage.exists(storage.join(version_url(root, name, version), storage.MANIFEST)):
+        raise SSPOError(f"{name} version {version} is not published in {root}")
+    return version
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """The commit of the sspo code: $SSPO_GIT_COMMIT (set in images), else the git checkout it runs from."""
+    if os.environ.get("SSPO_GIT_COMMIT"):
+        return os.environ["SSPO_GIT_COMMIT"]
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def data_lineage(data: str) -> dict:
+    """The data URI and the sha256 of its manifest (which holds the sha256 of every file): its content hash."""
+    manifest = storage.join(data, storage.MANIFEST)
+    if not storage.exists(manifest):
+        raise SSPOError(f"data {data} has no {storage.MANIFEST}: register needs prepared data to record its hash")
+    return {"uri": data, "sha256": hashlib.sha256(storage.read_bytes(manifest)).hexdigest()}
+
+
+def lineage(cfg: RegisterConfig, version: str, checkpoint: str, info: dict) -> dict:
+    """What the version was made from. It holds no time, so a retried publish writes the same file."""
+    run = storage.parent(storage.parent(checkpoint))  # <run>/checkpoints/step-NNNNNNN
+    run_config = storage.join(run, "config.json")
+    return {
+        "name": cfg.name,
+        "version": version,
+        "checkpoint": checkpoint,
+        "kind": info.get("kind"),
+        "step": info.get("step"),
+        "objective": info.get("objective"),
+        "parent": info.get("base_model"),
+        "data": data_lineage(cfg.data or info["data"]),
+        "code": {"sspo_version": __version__, "git_commit": git_commit()},
+        "train_config": storage.read_json(run_config) if storage.exists(run_config) else None,
+        "metrics": storage.read_json(cfg.metrics) if cfg.metrics else None,
+    }
+
+
+def register(cfg: RegisterConfig) -> dict:
+    """Publish `cfg.checkpoint` as a new version of `cfg.name` (and point `cfg.alias` at it)."""
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    source = storage.fetch_dir(checkpoint)
+    storage.verify_dir(source)
+    info = json.loads((source / CHECKPOINT_INFO).read_text())
+    with tempfile.TemporaryDirectory(prefix=".sspo-register-") as staging:
+        staging = Path(staging)
+        for file in (CHECKPOINT_WEIGHTS, CHECKPOINT_INFO):
+            shutil.copyfile(source / file, staging / file)
+        tries = 1 if cfg.version else AUTO_VERSION_TRIES
+        for attempt in range(1, tries + 1):
+            version = cfg.version or next_version(cfg.registry, cfg.name)
+            record = lineage(cfg, version, checkpoint, info)
+            (staging / LINEAGE).write_text(json.dumps(record, indent=2, sort_keys=True))
+            url = version_url(cfg.registry, cfg.name, version)
+            try:
+                extra = {"name": cfg.name, "version": version, "published_at": _now()}
+                storage.publish_dir(staging, url, extra, exclusive=True, verify=True)
+                break
+            except storage.PublishConflict as err:
+                if attempt == tries:
+                    raise SSPOError(f"cannot publish {cfg.name} version {version}: {err}") from None
+    result = {"registry": cfg.registry, "name": cfg.name, "version": version, "url": url}
+    if cfg.alias:
+        set_alias(cfg.registry, cfg.name, cfg.alias, version)
+        result["alias"] = cfg.alias
+    if cfg.output:
+        storage.write_text(cfg.output, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def set_alias(root: str, name: str, alias: str, version: str) -> dict:
+    """Point `alias` at a published version: a history object first, then one PUT of the alias object."""
+    resolve_version(root, name, version=version)
+    url = alias_url(root, name, alias)
+    previous = storage.read_json(url)["version"] if storage.exists(url) else None
+    record = {"name": name, "alias": alias, "version": version, "url": version_url(root, name, version),
+              "updated_at": _now(), "previous": previous}
+    change = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    history = storage.join(model_url(root, name), "aliases", f"{alias}.history", change)
+    storage.create_bytes(history, json.dumps(record, sort_keys=True).encode())
+    storage.write_text(url, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def alias_history(root: str, name: str, alias: str) -> list[dict]:
+    """Every change of `alias`, oldest first."""
+    folder = storage.join(model_url(root, name), "aliases", f"{check_name('alias', alias)}.history")
+    return [storage.read_json(storage.join(folder, change)) for change in _children(folder)]
+
+
+def pull(root: str, name: str, output: str, version: str = "", alias: str = "") -> dict:
+    """Download a version to the local folder `output`, verifying every file's sha256."""
+    version = resolve_version(root, name, version, alias)
+    destination = Path(output)
+    if destination.exists() and any(destination.iterdir()):
+        raise SSPOError(f"{output} exists and is not empty; pull into a new folder")
+    if destination.exists():
+        destination.rmdir()
+    url = version_url(root, name, version)
+    storage.download_dir(url, destination, require_manifest=True)
+    return {"name": name, "version": version, "url": url, "output": str(destination)}
+
+
+# -- `sspo registry ...`
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_list(args) -> dict:
+    names = [args.name] if args.name else _children(args.registry)
+    listing = {name: {"versions": list_versions(args.registry, name), "aliases": list_aliases(args.registry, name)}
+               for name in names}
+    _print_json(listing)
+    return {}
+
+
+def cmd_show(args) -> dict:
+    version = resolve_version(args.registry, args.name, args.version, args.alias)
+    url = version_url(args.registry, args.name, version)
+    manifest = storage.read_json(storage.join(url, storage.MANIFEST))
+    _print_json({**storage.read_json(storage.join(url, LINEAGE)), "url": url,
+                 "published_at": manifest.get("published_at")})
+    return {}
+
+
+def cmd_promote(args) -> dict:
+    record = set_alias(args.registry, args.name, args.alias, args.version)
+    _print_json(record)
+    return {"alias": args.alias, "version": args.version, "previous": record["previous"]}
+
+
+def cmd_pull(args) -> dict:
+    return pull(args.registry, args.name, args.output, args.version, args.alias)
+
+
+def cmd_publish(args) -> dict:
+    from sspo import cli, config
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "command", "params", "handler")}
+    return cli.run_register(config.load("register", args.params, overrides))
+
+
+def add_commands(stages) -> None:
+    from sspo import cli
+
+    parser = stages.add_parser("registry", help="list, show, publish, promote and pull registered checkpoints",
+                               description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    def command(name: str, help_text: str, handler, model_required: bool = True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--registry", required=True, help="registry root URL, e.g. s3://bucket/registry")
+        sub.add_argument("--name", required=model_required, default="", help="model name")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def version_or_alias(sub, required: bool = True):
+        group = sub.add_mutually_exclusive_group(required=required)
+        group.add_argument("--version", default="", help="version id")
+        group.add_argument("--alias", default="", help="alias, e.g. production")
+
+    command("list", "list models, their published versions and aliases (JSON)", cmd_list, model_required=False)
+    version_or_alias(command("show", "print a version's lineage (JSON)", cmd_show))
+    promote = command("promote", "point an alias at a published version (recorded in the alias history)",
+                      cmd_promote)
+    promote.add_argument("--version", required=True, help="version id")
+    promote.add_argument("--alias", required=True, help="alias, e.g. production")
+    pull_parser = command("pull", "download a version (or alias) to a local folder, verifying every sha256",
+                          cmd_pull)
+    version_or_alias(pull_parser)
+    pull_parser.add_argument("--output", required=True, help="new local folder")
+    publish = commands.add_parser("publish", help="same as `sspo register`", description=RegisterConfig.__doc__)
+    cli.add_config_flags(publish, "register", RegisterConfig)
+    publish.set_defaults(handler=cmd_publish)

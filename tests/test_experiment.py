@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from sspo import config
+from sspo.cli import run_prepare
+from sspo.errors import SSPOError
+from sspo.experiment import confidence_interval, run_experiment
+
+
+def test_confidence_interval_matches_student_t():
+    mean, half = confidence_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)
+    assert confidence_interval([0.5]) == (0.5, 0.0)
+
+
+@pytest.mark.slow
+def test_experiment_trains_every_arm_and_resumes(toy_world, base_model, tmp_path):
+    paired = str(tmp_path / "pairs")
+    run_prepare(config.load("prepare", None, {"source": toy_world, "output": paired, "keep_pairs": True}))
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  sample_steps: 2\n  save_every: 1\n  lr_warmup_steps: 0\n")
+    values = {"model": base_model, "data": paired, "output": str(tmp_path / "exp"), "shared_params": str(params),
+              "arms": "sft,dpo,sspo-ssr-indicator", "seeds": "0,1", "steps": 2, "batch_size": 2, "eval_seeds": "0", "eval_sample_steps": 2}
+    summary = run_experiment(config.load("experiment", None, values))
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    arms = ["sft", "dpo", "sspo-ssr-indicator"]
+    assert [(row["arm"], row["seed"]) for row in results["runs"]] == [(arm, seed) for arm in arms for seed in (0, 1)]
+    assert (tmp_path / "exp" / "scores.png").stat().st_size > 0
+    assert (tmp_path / "exp" / "ssr_vs_reward.png").stat().st_size > 0
+    for arm in arms:
+        assert f"| {arm} | 2 |" in summary["table"]
+    assert all(row["ssr_rate"] is not None for row in results["runs"] if row["arm"].startswith("sspo"))
+
+    # A rerun finds every arm finished: nothing is trained or evaluated again, the numbers are the same.
+    marker = tmp_path / "exp" / "eval" / "sft-seed0" / "metrics.json"
+    before = marker.stat().st_mtime_ns
+    again = run_experiment(config.load("experiment", None, values))
+    assert marker.stat().st_mtime_ns == before
+    assert again["table"] == summary["table"]
+
+
+def test_unknown_arm_is_one_clear_error(tmp_path):
+    with pytest.raises(SSPOError, match="unknown arm"):
+        run_experiment(config.load("experiment", None, {"arms": "sft,magic", "output": str(tmp_path)}))

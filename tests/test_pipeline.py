@@ -1,0 +1,205 @@
+"""The KFP pipeline: its compiled structure, the checked-in YAML, the CLI's errors, and a whole run under kfp.local."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from sspo import cli, registry
+from sspo.pipelines import IMAGE, pipeline, shell
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "pipelines" / "sspo_pipeline.yaml"
+REQUIRED = ["--param", "model_uri=s3://models/base", "--param", "data_uri=s3://data/raw",
+            "--param", "registry_url=s3://registry"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    pipeline.compile_pipeline(str(path))
+    documents = list(yaml.safe_load_all(path.read_text()))
+    spec = json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())  # unknown fields are rejected
+    return spec, documents
+
+
+def upstream(dag) -> dict[str, set[str]]:
+    return {name: set(task.dependent_tasks) for name, task in dag.tasks.items()}
+
+
+def test_dag_runs_the_stages_in_order_and_promotes_only_behind_the_gate(compiled):
+    spec, _ = compiled
+    root = upstream(spec.root.dag)
+    assert root["prepare"] == set()
+    assert root["train"] == {"prepare"}
+    assert root["register"] == {"prepare", "train"}
+    assert root["evaluate"] == {"register"}
+    assert root["compare"] == {"evaluate"}
+    (branch_name,) = set(root) - {"prepare", "train", "register", "evaluate", "compare"}
+    branch = spec.root.dag.tasks[branch_name]
+    assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--compare-Output'] == true"
+    assert root[branch_name] == {"compare", "register"}
+    inner = spec.components[branch.component_ref.name].dag.tasks
+    assert list(inner) == ["promote"]
+    assert inner["promote"].inputs.parameters["version"].component_input_parameter == \
+        "pipelinechannel--register-version"
+
+
+def test_train_asks_for_a_gpu_cpu_and_memory(compiled):
+    spec, _ = compiled
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    resources = executors["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "1"
+    assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == pipeline.TRAIN_CPU
+    assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == pipeline.TRAIN_MEMORY
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == IMAGE, name
+        assert "pip install" not in " ".join(container["command"]), name  # the image already holds kfp and sspo
+
+
+def test_caching_and_retries(compiled):
+    spec, _ = compiled
+    tasks = dict(spec.root.dag.tasks)
+    tasks.update(spec.components["comp-condition-1"].dag.tasks)
+    assert tasks["prepare"].caching_options.enable_cache
+    for name in ("train", "register", "compare", "promote"):
+        assert not tasks[name].caching_options.enable_cache, name
+    for name in ("prepare", "register", "evaluate", "compare", "promote"):
+        retry = tasks[name].retry_policy
+        assert retry.max_retry_count == pipeline.IO_RETRY["num_retries"], name
+        assert retry.backoff_factor == pipeline.IO_RETRY["backoff_factor"], name
+        assert retry.backoff_duration.seconds == 30, name
+
+
+def test_s3_credentials_come_from_the_secret_never_from_parameters(compiled):
+    spec, documents = compiled
+    executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{n}" for n in ("prepare", "train", "register", "evaluate", "compare", "promote")}
+    for name, config in executors.items():
+        (secret,) = config["secretAsEnv"]
+        assert secret["secretName"] == pipeline.S3_SECRET, name
+        env = {item["envVar"]: item["secretKey"] for item in secret["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(env), name
+    parameters = set(spec.root.input_definitions.parameters)
+    assert {"model_uri", "data_uri", "objective", "steps", "beta", "replay_from", "min_win_rate", "min_improvement",
+            "registry_url", "model_name"} <= parameters
+    assert not [p for p in parameters if any(word in p for word in ("secret", "key", "password", "token"))]
+
+
+def test_checked_in_pipeline_is_up_to_date(compiled):
+    _, documents = compiled
+    assert list(yaml.safe_load_all(CHECKED_IN.read_text())) == documents, \
+        "pipelines/sspo_pipeline.yaml is stale: run `sspo pipeline compile`"
+
+
+def test_compile_command_can_name_another_image(tmp_path):
+    output = tmp_path / "out" / "pipeline.yaml"
+    assert cli.main(["pipeline", "compile", "--output", str(output), "--image", "example.org/sspo:cuda"]) == 0
+    documents = list(yaml.safe_load_all(output.read_text()))
+    json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())
+    images = {e["container"]["image"] for e in documents[0]["deploymentSpec"]["executors"].values()}
+    assert images == {"example.org/sspo:cuda"}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["submit", *REQUIRED, "--param", "stepz=3"], "unknown pipeline parameter(s): stepz"),
+    (["submit", *REQUIRED, "--param", "steps=many"], "steps='many' is not a valid integer"),
+    (["submit", "--param", "steps=3"], "missing required pipeline parameter(s): model_uri, data_uri, registry_url"),
+    (["schedule", "create", *REQUIRED, "--name", "nightly", "--cron", "0 3 * * *"], "has 5 fields"),
+])
+def test_bad_parameters_fail_before_any_connection(argv, message, capsys):
+    host = f"http://127.0.0.1:{closed_port()}"
+    assert cli.main(["pipeline", *argv, "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["schedule", "create", *REQUIRED, "--name", "nightly", "--cron", "0 0 3 * * *"],
+    ["schedule", "list"],
+    ["schedule", "disable", "some-id"],
+])
+def test_unreachable_endpoint_is_one_clear_error(argv, capsys):
+    host = f"http://127.0.0.1:{closed_port()}"
+    assert cli.main(["pipeline", *argv, "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sspo pipeline: error: cannot reach Kubeflow Pipelines at {host}")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers
+def test_submit_to_unreachable_endpoint_exits_2_without_traceback(tmp_path):
+    host = f"http://127.0.0.1:{closed_port()}"
+    result = subprocess.run([sys.executable, "-m", "sspo.cli", "pipeline", "submit", "--host", host, *REQUIRED],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"sspo pipeline: error: cannot reach Kubeflow Pipelines at {host}" in result.stderr
+
+
+def evaluation(trained: float, rate: float) -> dict:
+    """Metrics in the layout `sspo evaluate` writes."""
+    return {"scorers": ["oracle", "clipscore"],
+            "models": {"base": {"heldout": {"oracle": {"mean": 0.4}}},
+                       "trained": {"heldout": {"oracle": {"mean": trained}}}},
+            "win_rate": {"oracle": {"heldout": {"rate": rate}}}}
+
+
+@pytest.mark.parametrize("candidate, production, promote", [
+    (evaluation(0.6, 0.7), None, True),
+    (evaluation(0.6, 0.4), None, False),           # loses to the base model too often
+    (evaluation(0.6, 0.7), evaluation(0.5, 0.6), True),
+    (evaluation(0.6, 0.7), evaluation(0.6, 0.6), False),   # must beat production by min_improvement
+    (evaluation(0.6, 0.7), evaluation(0.7, 0.8), False),
+])
+def test_promotion_decision(candidate, production, promote):
+    decision, reason = shell.promotion_decision(candidate, production, "heldout", min_win_rate=0.5,
+                                                min_improvement=0.01)
+    assert decision is promote, reason
+
+
+@pytest.mark.slow
+def test_local_pipeline_registers_evaluates_and_promotes_only_a_better_candidate(toy_world, base_model, tmp_path):
+    from sspo.pipelines.local import run_local
+
+    registry_url = str(tmp_path / "registry")
+    tiny = {"steps": 2, "batch_size": 2, "sample_steps": 2, "save_every": 2, "data_limit": 48,
+            "eval_prompts": "toy:heldout", "eval_seeds": "0", "eval_sample_steps": 2}
+    first = run_local(tmp_path / "first", {**tiny, "min_win_rate": 0.0}, registry=registry_url, model=base_model,
+                      data=toy_world)
+    assert first["promoted"] is True
+    assert registry.list_versions(registry_url, "sspo") == ["1"]
+    assert registry.list_aliases(registry_url, "sspo") == {"candidate": "1", "production": "1"}
+    assert 0.0 <= first["metrics"]["models.trained.heldout.oracle.mean"] <= 1.0
+    assert 0.0 <= first["metrics"]["win_rate.oracle.heldout.rate"] <= 1.0
+    assert "oracle" in Path(first["report"]).read_text()
+    assert not list((tmp_path / "first" / "kfp").glob("*/evaluate/production_evaluation/metrics.json"))
+
+    # No candidate can beat production by more than the whole score range: the gate must keep version 1.
+    argv = ["pipeline", "run-local", "--workdir", str(tmp_path / "second"), "--registry", registry_url,
+            "--model", base_model, "--data", toy_world, "--param", "min_win_rate=0", "--param", "min_improvement=1.5"]
+    for name, value in tiny.items():
+        argv += ["--param", f"{name}={value}"]
+    assert cli.main(argv) == 0
+    assert registry.list_versions(registry_url, "sspo") == ["1", "2"]
+    assert registry.list_aliases(registry_url, "sspo") == {"candidate": "2", "production": "1"}
+    evaluated = {path.parent.name: json.loads(path.read_text())["checkpoint"]
+                 for path in (tmp_path / "second" / "kfp").glob("*/evaluate/*/metrics.json")}
+    assert evaluated == {"evaluation": f"{registry_url}/sspo/versions/2",
+                         "production_evaluation": f"{registry_url}/sspo/versions/1"}
+    lineage = json.loads((Path(registry_url) / "sspo" / "versions" / "2" / registry.LINEAGE).read_text())
+    assert lineage["metrics"]["final_step"] == 2
