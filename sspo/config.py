@@ -12,7 +12,6 @@ from pathlib import Path
 import yaml
 
 from sspo.errors import SSPOError
-from sspo.objectives import SSR_VARIANTS
 
 OBJECTIVES = ("sspo", "dpo", "spin", "sft")
 REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
@@ -115,6 +114,8 @@ class TrainConfig:
 
     def validate(self):
         _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
+        from sspo.objectives import SSR_VARIANTS  # imports torch: only when a train config is checked
+
         _require(self.ssr in SSR_VARIANTS, f"ssr must be one of {', '.join(SSR_VARIANTS)}")
         _require(self.replay in REPLAY_DISTRIBUTIONS, f"replay must be one of {', '.join(REPLAY_DISTRIBUTIONS)}")
         _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")

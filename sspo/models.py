@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel
 
 from sspo import storage
+from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-CHECKPOINT_WEIGHTS = "unet.safetensors"
-CHECKPOINT_INFO = "checkpoint.json"
 
 
 @dataclass
@@ -69,35 +68,6 @@ def lora_config(rank: int, alpha: float) -> LoraConfig:
     return LoraConfig(
         r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGET_MODULES, init_lora_weights="gaussian"
     )
-
-
-def resolve_checkpoint(url: str) -> str:
-    """A checkpoint URL (a registry version folder is one), a run folder whose latest published checkpoint is
-    meant, or a .json pointer with a "url" (a registry alias object, or the record `sspo register` writes)."""
-    if str(url).split("?")[0].endswith(".json"):
-        pointer = storage.read_json(url)
-        if not isinstance(pointer, dict) or "url" not in pointer:
-            raise SSPOError(f"{url} is not a checkpoint pointer (a JSON object with a \"url\")")
-        return resolve_checkpoint(pointer["url"])
-    if storage.exists(storage.join(url, CHECKPOINT_INFO)):
-        return url
-    latest = latest_checkpoint(storage.join(url, "checkpoints"))
-    if latest is None:
-        raise SSPOError(f"no published checkpoint at {url}")
-    return latest
-
-
-def latest_checkpoint(checkpoints_url: str) -> str | None:
-    """The highest-step checkpoint below `checkpoints_url` whose manifest exists (i.e. completely published)."""
-    fs, path = storage.filesystem(checkpoints_url)
-    if not fs.exists(path):
-        return None
-    steps = sorted(
-        entry.rstrip("/").rsplit("/", 1)[-1]
-        for entry in fs.ls(path, detail=False)
-        if fs.exists(storage.join(entry, storage.MANIFEST))
-    )
-    return storage.join(checkpoints_url, steps[-1]) if steps else None
 
 
 def apply_checkpoint(unet: UNet2DConditionModel, checkpoint_url: str) -> dict:

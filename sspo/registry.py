@@ -32,7 +32,7 @@ from pathlib import Path
 from sspo import __version__, storage
 from sspo.config import RegisterConfig
 from sspo.errors import SSPOError
-from sspo.models import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, resolve_checkpoint
+from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, resolve_checkpoint
 
 LINEAGE = "lineage.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

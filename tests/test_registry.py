@@ -15,7 +15,7 @@ from s3server import BUCKET
 from sspo import config, registry, storage
 from sspo.cli import main, run_train
 from sspo.errors import SSPOError
-from sspo.models import resolve_checkpoint
+from sspo.checkpoints import resolve_checkpoint
 
 
 @pytest.fixture

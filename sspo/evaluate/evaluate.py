@@ -20,7 +20,8 @@ from sspo import storage, telemetry
 from sspo.config import EvaluateConfig, to_json
 from sspo.evaluate import prompts as prompt_sets
 from sspo.evaluate import report, scorers
-from sspo.models import apply_checkpoint, load_components, resolve_checkpoint
+from sspo.checkpoints import resolve_checkpoint
+from sspo.models import apply_checkpoint, load_components
 from sspo.progress import Progress
 from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
 from sspo.train.replay import counter_rng

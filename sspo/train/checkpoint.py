@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sspo.models import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
+from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 TRAINING_STATE = "training_state.json"

@@ -24,17 +24,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from sspo import objectives, storage, telemetry
 from sspo.config import TrainConfig, to_json
 from sspo.errors import SSPOError
-from sspo.models import (
-    CHECKPOINT_INFO,
-    CHECKPOINT_WEIGHTS,
-    apply_checkpoint,
-    base_unet_weights,
-    latest_checkpoint,
-    load_components,
-    lora_config,
-    per_sample_error,
-    resolve_checkpoint,
-)
+from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, latest_checkpoint, resolve_checkpoint
+from sspo.models import apply_checkpoint, base_unet_weights, load_components, lora_config, per_sample_error
 from sspo.prepare import ShardDataset
 from sspo.progress import Progress
 from sspo.sampling import encode_prompts, sample_latents
