@@ -232,6 +232,9 @@ def field_types(cls) -> dict[str, typing.Any]:
 def coerce(name: str, kind, value):
     """Turn a YAML or command-line value into the field's type, or fail naming the field."""
     try:
+        if kind is str and isinstance(value, bool):
+            # YAML 1.1 (and tools that rewrite params.yaml, such as `dvc exp run -S`) read a bare `no` as false.
+            return "yes" if value else "no"
         if kind is bool:
             if isinstance(value, bool):
                 return value

@@ -50,6 +50,8 @@ def test_params_file_then_flags(tmp_path):
     params.write_text(yaml.safe_dump({"train": {"steps": 7, "objective": "sft", "lora_rank": 4}}))
     cfg = config.load("train", str(params), {"steps": "9"})
     assert (cfg.steps, cfg.objective, cfg.lora_rank) == (9, "sft", 4)
+    params.write_text("train:\n  mixed_precision: no\n")
+    assert config.load("train", str(params), {}).mixed_precision == "no"
     params.write_text(yaml.safe_dump({"train": {"stepz": 7}}))
     with pytest.raises(SSPOError, match="unknown key.*stepz"):
         config.load("train", str(params), {})
