@@ -257,20 +257,27 @@ def coerce(name: str, kind, value):
         raise SSPOError(f"invalid config: {name}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+def read_yaml_mapping(params_file: str) -> dict:
+    """A YAML (or JSON) file that must hold a mapping, e.g. params.yaml; one clear error otherwise."""
+    path = Path(params_file)
+    if not path.is_file():
+        raise SSPOError(f"params file not found: {params_file}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SSPOError(f"{params_file} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, dict):
+        raise SSPOError(f"{params_file} must hold a mapping of names to values")
+    return loaded
+
+
 def load(stage: str, params_file: str | None, overrides: dict) -> typing.Any:
     """The stage's config: defaults, then params.yaml[stage], then `overrides` (already-typed or string values)."""
     cls = STAGES[stage]
     types = field_types(cls)
     values: dict = {}
     if params_file:
-        path = Path(params_file)
-        if not path.exists():
-            raise SSPOError(f"params file not found: {params_file}")
-        try:
-            params = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SSPOError(f"{params_file} is not valid YAML: {err}") from None
-        section = params.get(stage) or {}
+        section = read_yaml_mapping(params_file).get(stage) or {}
         unknown = sorted(set(section) - set(types))
         if unknown:
             raise SSPOError(f"invalid config: unknown key(s) in {params_file} [{stage}]: {', '.join(unknown)}")

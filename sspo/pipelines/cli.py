@@ -14,8 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import yaml
-
+from sspo.config import read_yaml_mapping
 from sspo.errors import SSPOError
 
 DEFAULT_PACKAGE = "pipelines/sspo_pipeline.yaml"
@@ -104,16 +103,7 @@ def pipeline_parameters(args, required: bool = True) -> dict:
     spec = _pipeline_module().sspo_pipeline.component_spec.inputs
     given: dict = {}
     if args.params_file:
-        path = Path(args.params_file)
-        if not path.is_file():
-            raise SSPOError(f"params file not found: {args.params_file}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SSPOError(f"{args.params_file} is not valid YAML/JSON: {' '.join(str(err).split())}") from None
-        if not isinstance(loaded, dict):
-            raise SSPOError(f"{args.params_file} must hold a mapping of parameter names to values")
-        given.update(loaded)
+        given.update(read_yaml_mapping(args.params_file))
     for item in args.param:
         name, sep, value = item.partition("=")
         if not sep or not name:
