@@ -188,7 +188,6 @@ def test_plain_prometheus_scrape_config_keeps_exactly_the_pushgateway_endpoints(
         assert re.fullmatch(rule["regex"], value), rule
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_prometheus_accepts_the_alert_rules(tmp_path):
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump({"groups": one(render(K8S / "base"), "PrometheusRule", "sspo")["spec"]["groups"]}))
