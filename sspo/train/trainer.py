@@ -125,7 +125,7 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     # -- resume from the latest completely published checkpoint
-    step, pool = 0, [BASE]
+    step = 0
     latest = latest_checkpoint(checkpoints_url)
     if latest is not None:
         directory = storage.fetch_dir(latest)
