@@ -86,7 +86,8 @@ def run_experiment(cfg: config.ExperimentConfig) -> dict:
     from sspo.experiment import run_experiment as experiment
 
     summary = experiment(cfg)
-    print(summary.pop("table"))
+    if "table" in summary:
+        print(summary.pop("table"))
     return summary
 
 

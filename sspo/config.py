@@ -17,6 +17,7 @@ OBJECTIVES = ("sspo", "dpo", "spin", "sft")
 REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+EXPERIMENT_PHASES = ("all", "cells", "report")
 
 
 @dataclass
@@ -202,9 +203,14 @@ class ExperimentConfig:
     batch_size: int = 16
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "sampling seeds per prompt"})
     eval_sample_steps: int = 20
+    phase: str = field(default="all", metadata={
+        "help": "all: run missing (arm, seed) cells, then tabulate; cells: only run them; report: only tabulate "
+                "finished cells (DVC runs cells and report as separate stages)"
+    })
 
     def validate(self):
         _require(len(self.arms) > 0 and len(self.seeds) > 0, "arms and seeds must not be empty")
+        _require(self.phase in EXPERIMENT_PHASES, f"phase must be one of {', '.join(EXPERIMENT_PHASES)}")
         _require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
 
 

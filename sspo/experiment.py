@@ -3,7 +3,8 @@
 Arms: sft, dpo (paired data), spin, sspo (uniform replay, sign SSR) and its ablations (replay initial / latest,
 SSR off / indicator). Each (arm, seed) trains into `<output>/runs/<arm>-seed<k>` and is evaluated into
 `<output>/eval/<arm>-seed<k>`; finished pieces are skipped, so an interrupted experiment resumes where it stopped
-(a half-trained run resumes from its latest checkpoint).
+(a half-trained run resumes from its latest checkpoint). `phase` splits the work in two (run the cells, tabulate
+them) so that experiments/dvc.yaml can track every cell as its own stage.
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ def confidence_interval(values: list[float]) -> tuple[float, float]:
     return mean, half
 
 
-def run_one(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
-    """Train and evaluate one (arm, seed), skipping what is already published; returns its measurements."""
-
+def cell_urls(cfg: ExperimentConfig, arm: str, seed: int) -> tuple[str, str]:
+    """Where one (arm, seed) trains and where it is evaluated."""
     name = f"{arm}-seed{seed}"
-    run_url = storage.join(cfg.output, "runs", name)
-    eval_url = storage.join(cfg.output, "eval", name)
+    return storage.join(cfg.output, "runs", name), storage.join(cfg.output, "eval", name)
+
+
+def is_finished(cfg: ExperimentConfig, arm: str, seed: int) -> bool:
+    return storage.exists(storage.join(cell_urls(cfg, arm, seed)[1], storage.MANIFEST))
+
+
+def run_cell(cfg: ExperimentConfig, arm: str, seed: int) -> None:
+    """Train and evaluate one (arm, seed), skipping what is already published."""
+    run_url, eval_url = cell_urls(cfg, arm, seed)
     train_cfg = config.load("train", cfg.shared_params or None, {
         **ARMS[arm], "model": cfg.model, "data": cfg.data, "data_split": cfg.data_split, "output": run_url,
         "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -67,6 +75,11 @@ def run_one(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
             "model": cfg.model, "checkpoint": run_url, "output": eval_url, "seeds": cfg.eval_seeds,
             "sample_steps": cfg.eval_sample_steps,
         }))
+
+
+def measure(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
+    """One finished cell's scores, win rates and mean SSR rate."""
+    run_url, eval_url = cell_urls(cfg, arm, seed)
     metrics = storage.read_json(storage.join(eval_url, "metrics.json"))
     log_rows = [json.loads(line) for line in storage.read_text(storage.join(run_url, "train_log.jsonl")).splitlines()]
     ssr = [row["ssr_rate"] for row in log_rows if "ssr_rate" in row]
@@ -155,12 +168,18 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SSPOError(f"invalid config: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    rows = []
-    total = len(cfg.arms) * len(cfg.seeds)
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            log.info("experiment: arm %s seed %d (%d/%d)", arm, seed, len(rows) + 1, total)
-            rows.append(run_one(cfg, arm, seed))
+    cells = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+    if cfg.phase != "report":
+        for index, (arm, seed) in enumerate(cells, 1):
+            log.info("experiment: arm %s seed %d (%d/%d)", arm, seed, index, len(cells))
+            run_cell(cfg, arm, seed)
+    if cfg.phase == "cells":
+        return {"output": cfg.output, "arms": len(cfg.arms), "seeds": len(cfg.seeds)}
+    missing = [f"{arm}-seed{seed}" for arm, seed in cells if not is_finished(cfg, arm, seed)]
+    if missing:
+        raise SSPOError(f"experiment cells not finished under {cfg.output}: {', '.join(missing)}; "
+                        "run them first (--phase cells or all)")
+    rows = [measure(cfg, arm, seed) for arm, seed in cells]
     summary = summarize(rows)
     directory = run_folder(cfg.output)
     directory.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ TINY_PARAMS = {
     "bootstrap": {"vae_steps": 20, "vae_batch_size": 8, "unet_steps": 20, "unet_batch_size": 8},
     "train": {"steps": 2, "batch_size": 2, "save_every": 1, "sample_steps": 2, "lr_warmup_steps": 1},
     "evaluate": {"seeds": [0], "sample_steps": 2, "bootstrap_samples": 10},
+    "experiment": {"arms": ["sft", "sspo"], "seeds": [0], "steps": 2, "batch_size": 2, "eval_seeds": [0],
+                   "eval_sample_steps": 2},
 }
 
 
@@ -34,10 +36,12 @@ def run(repo: Path, *command: str) -> str:
 
 @pytest.fixture
 def dvc_repo(s3, tmp_path):
-    """A git repository with the project's dvc.yaml, tiny params and an S3 remote on the test server."""
+    """A git repository with the project's dvc.yaml files, tiny params and an S3 remote on the test server."""
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo)
+    (repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "dvc.yaml", repo / "experiments")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for stage, values in TINY_PARAMS.items():
         params[stage].update(values)
@@ -82,7 +86,7 @@ def test_repro_push_pull_and_replay_from_a_dvc_path(dvc_repo, tmp_path):
     run(repo, "dvc", "pull")
     for output in ("data/world", "models/base", "data/prepared", "eval/sspo"):
         storage.verify_dir(repo / output)
-    assert "up to date" in run(repo, "dvc", "status").lower()
+    assert "up to date" in run(repo, "dvc", "status", "dvc.yaml").lower()
 
     # a checkpoint of that commit as a replay pool entry, read through DVC from the S3 remote
     wipe(repo)
@@ -94,3 +98,31 @@ def test_repro_push_pull_and_replay_from_a_dvc_path(dvc_repo, tmp_path):
                                           "replay_from": checkpoint, **tiny}))
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000001" / "training_state.json").read_text())
     assert state["pool"] == ["base", checkpoint]
+
+
+@pytest.mark.slow
+def test_experiment_grid_is_its_own_dvc_pipeline_one_stage_per_cell(dvc_repo):
+    repo = dvc_repo
+    first = run(repo, "dvc", "repro", "experiments/dvc.yaml")
+    for stage in ("world", "bootstrap", "prepare", "experiments/dvc.yaml:cell@sft-0",
+                  "experiments/dvc.yaml:cell@sspo-0", "experiments/dvc.yaml:results"):
+        assert f"Running stage '{stage}'" in first
+    assert "Running stage 'train'" not in first
+    root = run(repo, "dvc", "repro")
+    assert "Running stage 'evaluate'" in root and "experiments/dvc.yaml" not in root
+    table = (repo / "experiments" / "toy" / "results.md").read_text()
+    assert "| sft | 1 |" in table and "| sspo | 1 |" in table
+
+    # One more seed: only its cells and the table run again; the table then counts two seeds per arm.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["experiment"]["seeds"] = [0, 1]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    second = run(repo, "dvc", "repro", "experiments/dvc.yaml")
+    assert [line for line in second.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'experiments/dvc.yaml:cell@sft-1':",
+        "Running stage 'experiments/dvc.yaml:cell@sspo-1':",
+        "Running stage 'experiments/dvc.yaml:results':",
+    ]
+    table = (repo / "experiments" / "toy" / "results.md").read_text()
+    assert "| sft | 2 |" in table and "| sspo | 2 |" in table
+    assert "up to date" in run(repo, "dvc", "status", "experiments/dvc.yaml").lower()

@@ -44,3 +44,9 @@ def test_experiment_trains_every_arm_and_resumes(toy_world, base_model, tmp_path
 def test_unknown_arm_is_one_clear_error(tmp_path):
     with pytest.raises(SSPOError, match="unknown arm"):
         run_experiment(config.load("experiment", None, {"arms": "sft,magic", "output": str(tmp_path)}))
+
+
+def test_report_names_unfinished_cells(tmp_path):
+    values = {"arms": "sft,dpo", "seeds": "0", "output": str(tmp_path), "phase": "report"}
+    with pytest.raises(SSPOError, match="not finished .*: sft-seed0, dpo-seed0"):
+        run_experiment(config.load("experiment", None, values))
