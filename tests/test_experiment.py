@@ -1,11 +1,15 @@
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from sspo import config
 from sspo.cli import run_prepare
 from sspo.errors import SSPOError
 from sspo.experiment import confidence_interval, run_experiment
+from sspo.toy import oracle
+from sspo.toy.world import Scene
 
 
 def test_confidence_interval_matches_student_t():
@@ -32,6 +36,16 @@ def test_experiment_trains_every_arm_and_resumes(toy_world, base_model, tmp_path
     for arm in arms:
         assert f"| {arm} | 2 |" in summary["table"]
     assert all(row["ssr_rate"] is not None for row in results["runs"] if row["arm"].startswith("sspo"))
+
+    # The table's scores are those of the saved images: re-scoring the PNGs gives every run's numbers again.
+    for row in results["runs"]:
+        cell = tmp_path / "exp" / "eval" / f"{row['arm']}-seed{row['seed']}"
+        entries = [json.loads(line) for line in (cell / "index.jsonl").read_text().splitlines()]
+        for split in ("train", "heldout"):
+            rescored = [oracle.score(Image.open(cell / entry["file"]),
+                                     Scene(entry["color"], entry["shape"], entry["position"]))["score"]
+                        for entry in entries if entry["model"] == "trained" and entry["split"] == split]
+            assert row[f"{split}_score"] == pytest.approx(np.mean(rescored))
 
     # A rerun finds every arm finished: nothing is trained or evaluated again, the numbers are the same.
     marker = tmp_path / "exp" / "eval" / "sft-seed0" / "metrics.json"
