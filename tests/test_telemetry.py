@@ -4,34 +4,30 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from s3server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "k8s" / "monitoring" / "alert-rules.yaml"
 DASHBOARD = ROOT / "k8s" / "monitoring" / "grafana-dashboard.json"
 PROMETHEUS, PUSHGATEWAY, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/prometheus-pushgateway", "/usr/bin/promtool"
-PIPELINE = "telemetry-test"
+# Unique per test session, so no series pushed by another session can answer this one's queries.
+PIPELINE = f"telemetry-test-{uuid.uuid4().hex[:8]}"
 
 
 def require(binary: str) -> None:
     if not os.access(binary, os.X_OK):
         pytest.fail(f"{binary} is missing: apt-get install -y prometheus prometheus-pushgateway")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 5) -> str:
@@ -77,6 +73,8 @@ def monitoring(tmp_path_factory):
     try:
         for url in (gateway, prometheus):
             wait_until(lambda: get(f"{url}/-/ready"), 60, f"{url} to be ready")
+        # a process that lost the race for its port exits, and "ready" came from whatever holds that port
+        assert all(process.poll() is None for process in processes), "pushgateway or prometheus exited"
         yield {"gateway": gateway, "prometheus": prometheus}
     finally:
         for process in processes:
