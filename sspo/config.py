@@ -152,6 +152,9 @@ class EvaluateConfig:
     bootstrap_seed: int = 0
     grid_prompts: int = field(default=48, metadata={"help": "prompts per grid image (0 = all)"})
     pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the scores (default $SSPO_PUSHGATEWAY)"})
+    rescore: str = field(default="", metadata={
+        "help": "URL of a finished evaluation: score its saved images again with --scorers instead of sampling "
+                "(model, checkpoint, prompts and sampler settings then come from that evaluation)"})
 
     def validate(self):
         _require(len(self.seeds) > 0, "seeds must list at least one seed")

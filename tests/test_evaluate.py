@@ -63,6 +63,14 @@ def test_toy_report_has_grid_scores_and_win_rate_and_repeats_exactly(base_model,
 
     first["config"].pop("output"), second["config"].pop("output")
     assert first == second
+
+    # Re-scoring the saved images reproduces every number and the grids.
+    rescored = evaluate(tmp_path / "rescored", rescore=str(directory))
+    assert rescored["rescored_from"] == str(directory)
+    for key in ("model", "checkpoint", "sampler", "prompt_sets", "splits", "models", "win_rate"):
+        assert rescored[key] == first[key], key
+    assert (tmp_path / "rescored" / "grid-heldout.png").read_bytes() == (directory / "grid-heldout.png").read_bytes()
+    assert f"images re-scored from: {directory}" in (tmp_path / "rescored" / "report.md").read_text()
     assert markdown == (tmp_path / "second" / "report.md").read_text()
     assert (directory / "grid-heldout.png").read_bytes() == (tmp_path / "second" / "grid-heldout.png").read_bytes()
 
@@ -117,3 +125,10 @@ def test_scorer_paths_from_the_command_line_and_params(tmp_path):
     assert cfg.scorers == ["oracle", "pickscore"] and cfg.scorer_paths == {"pickscore": "/m/pick"}
     with pytest.raises(SSPOError, match="scorer_paths"):
         config.load("evaluate", None, {"scorer_paths": "pickscore"})
+
+
+def test_rescore_refuses_a_folder_that_is_not_an_evaluation(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SSPOError, match="not a finished evaluation"):
+        evaluate(tmp_path / "out", rescore=str(tmp_path / "run"))
+    assert not (tmp_path / "out").exists()

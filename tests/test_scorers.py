@@ -1,6 +1,7 @@
 """Each reward model's code path, run on a tiny random-weight model of the same architecture, against a direct
 computation written out here."""
 
+import json
 import shutil
 
 import numpy as np
@@ -17,7 +18,8 @@ from transformers import (
     CLIPModel,
 )
 
-from sspo.cli import main
+from sspo import config
+from sspo.cli import main, run_evaluate
 from sspo.errors import SSPOError
 from sspo.evaluate import scorers
 from sspo.toy.model import build_tokenizer
@@ -177,3 +179,22 @@ def test_cli_names_the_missing_scorer_path(tmp_path, capsys):
     code = main(["evaluate", "--model", str(tmp_path), "--output", str(tmp_path / "eval"), "--scorers", "oracle,hpsv2"])
     assert code == 2
     assert "scorer hpsv2 needs --scorer-paths hpsv2=<" in capsys.readouterr().err
+
+
+def test_rescore_adds_a_reward_model_to_a_finished_evaluation(base_model, clip_dir, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    run_evaluate(config.load("evaluate", None, {"model": base_model, "output": str(first), "seeds": [0, 1],
+                                                "sample_steps": 2, "max_prompts": 2}))
+    run_evaluate(config.load("evaluate", None, {"rescore": str(first), "output": str(again),
+                                                "scorers": ["oracle", "clipscore"],
+                                                "scorer_paths": {"clipscore": str(clip_dir)}}))
+    before = [json.loads(line) for line in (first / "index.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (again / "index.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r["seed"]) for r in rows] == [(r["file"], r["prompt"], r["seed"]) for r in before]
+    assert [r["scores"]["oracle"] for r in rows] == [r["scores"]["oracle"] for r in before]
+    # each saved image is scored against its own prompt
+    clip = scorers.build("clipscore", {"clipscore": str(clip_dir)})
+    for row in rows:
+        image = Image.open(again / row["file"]).convert("RGB")
+        expected = clip.score([image], [row["prompt"]], [parse_prompt(row["prompt"])])[0]
+        assert row["scores"]["clipscore"]["score"] == pytest.approx(float(expected), rel=1e-5)

@@ -2,7 +2,8 @@
 
 Base and trained model get the same sampler, steps, guidance and initial noise for each (prompt, seed), so their
 images pair up and a win rate compares like with like. Every image is kept as a PNG, listed in index.jsonl with its
-prompt, attributes, seed, model and scores, so any run can be re-scored later.
+prompt, attributes, seed, model and scores, so `rescore` can score a finished run again (say with another reward
+model) from those files alone, without loading a diffusion model.
 
 Outputs: metrics.json, table.md, report.md, report.html, grid-<set>.png, plots/<model>.csv, images/, index.jsonl.
 """
@@ -18,12 +19,14 @@ from PIL import Image
 
 from sspo import storage, telemetry
 from sspo.config import EvaluateConfig, to_json
+from sspo.errors import SSPOError
 from sspo.evaluate import prompts as prompt_sets
 from sspo.evaluate import report, scorers
 from sspo.checkpoints import resolve_checkpoint
 from sspo.models import apply_checkpoint, load_components
 from sspo.progress import Progress
 from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
+from sspo.toy.world import ATTRIBUTES, Scene
 from sspo.train.replay import counter_rng
 
 table = report.table
@@ -70,9 +73,8 @@ def _json_number(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
-    sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts)
-    chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
+def generated_images(cfg: EvaluateConfig, sets: list[prompt_sets.PromptSet]) -> tuple[dict, dict]:
+    """Sample every prompt set with the base (and the trained) model: ({(model, split): uint8 array}, provenance)."""
     parts = load_components(cfg.model)
     unets = {"base": parts.unet.eval()}
     checkpoint = None
@@ -81,49 +83,89 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         unets["trained"] = copy.deepcopy(parts.unet)
         apply_checkpoint(unets["trained"], checkpoint)
         unets["trained"].eval()
-
-    metrics: dict = {
-        "config": json.loads(to_json(cfg)),
+    images = {(model, s.name): generate(parts, unet, s.prompts, cfg.seeds, cfg, desc=f"evaluate {model} {s.name}")
+              for s in sets for model, unet in unets.items()}
+    provenance = {
+        "model": cfg.model,
         "checkpoint": checkpoint,
         "sampler": {"scheduler": type(parts.sample_scheduler).__name__, "steps": cfg.sample_steps,
                     "guidance": cfg.guidance, "seeds": cfg.seeds, "latent_size": parts.latent_size},
         "prompt_sets": {s.name: {"source": spec, "prompts": len(s.prompts)} for s, spec in zip(sets, cfg.prompts)},
+    }
+    return images, provenance
+
+
+def saved_images(url: str) -> tuple[list[prompt_sets.PromptSet], dict, dict]:
+    """A finished evaluation's prompt sets, images and provenance, read back from its index.jsonl and PNGs."""
+    directory = storage.fetch_dir(url)
+    try:
+        previous = json.loads((directory / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (directory / "index.jsonl").read_text().splitlines()]
+    except (OSError, ValueError) as err:
+        raise SSPOError(f"not a finished evaluation: {url} ({err})") from err
+    seeds = previous["sampler"]["seeds"]
+    sets, images = [], {}
+    for split in previous["splits"]:
+        for model in previous["models"]:
+            # index.jsonl lists each (model, split) prompt-major, seed-minor: the order the images were generated in
+            listed = [row for row in rows if row["split"] == split and row["model"] == model]
+            pixels = np.stack([np.asarray(Image.open(directory / row["file"]).convert("RGB")) for row in listed])
+            images[model, split] = pixels.reshape(len(listed) // len(seeds), len(seeds), *pixels.shape[1:])
+        per_prompt = listed[:: len(seeds)]
+        scenes = [Scene(**{a: row[a] for a in ATTRIBUTES}) if "color" in row else None for row in per_prompt]
+        sets.append(prompt_sets.PromptSet(split, [row["prompt"] for row in per_prompt], scenes))
+    provenance = {key: previous[key] for key in ("checkpoint", "sampler", "prompt_sets")}
+    # evaluations written before "model" was recorded at the top level have it only in their config
+    provenance["model"] = previous.get("model", previous["config"]["model"])
+    return sets, images, provenance | {"rescored_from": url}
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
+    if cfg.rescore:
+        sets, images, provenance = saved_images(cfg.rescore)
+    else:
+        sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts)
+        images, provenance = generated_images(cfg, sets)
+    models = list(dict.fromkeys(model for model, _ in images))
+    seeds = provenance["sampler"]["seeds"]
+    metrics: dict = {
+        "config": json.loads(to_json(cfg)),
+        **provenance,
         "scorers": list(cfg.scorers),
         "splits": [s.name for s in sets],
-        "models": {name: {} for name in unets},
+        "models": {name: {} for name in models},
     }
     index_rows = []
     scores: dict = {}  # (model, split) -> score_all() result
     with storage.staged_output(cfg.output) as (staging, manifest_extra):
         for prompt_set in sets:
             split, texts = prompt_set.name, prompt_set.prompts
-            images = {}
-            for model, unet in unets.items():
-                images[model] = generate(parts, unet, texts, cfg.seeds, cfg, desc=f"evaluate {model} {split}")
-                pil = [Image.fromarray(image) for row in images[model] for image in row]
-                flat_texts = [t for t in texts for _ in cfg.seeds]
-                flat_scenes = [scene for scene in prompt_set.scenes for _ in cfg.seeds]
+            for model in models:
+                pil = [Image.fromarray(image) for row in images[model, split] for image in row]
+                flat_texts = [t for t in texts for _ in seeds]
+                flat_scenes = [scene for scene in prompt_set.scenes for _ in seeds]
                 result = score_all(chosen, pil, flat_texts, flat_scenes, cfg.batch_size)
                 scores[model, split] = result
                 metrics["models"][model][split] = {name: report.summarize(by_key) for name, by_key in result.items()}
                 for i, image in enumerate(pil):
-                    p, s = divmod(i, len(cfg.seeds))
-                    file = f"images/{model}/{split}/{p:04d}-seed{cfg.seeds[s]}.png"
+                    p, s = divmod(i, len(seeds))
+                    file = f"images/{model}/{split}/{p:04d}-seed{seeds[s]}.png"
                     (staging / file).parent.mkdir(parents=True, exist_ok=True)
                     image.save(staging / file)
                     scene = prompt_set.scenes[p]
                     index_rows.append({
                         "file": file, "model": model, "split": split, "prompt": texts[p],
-                        **(scene.as_dict() if scene else {}), "seed": cfg.seeds[s],
+                        **(scene.as_dict() if scene else {}), "seed": seeds[s],
                         "scores": {name: {key: _json_number(values[i]) for key, values in by_key.items()}
                                    for name, by_key in result.items()},
                     })
             shown = cfg.grid_prompts or len(texts)
-            columns = [f"{model} s{seed}" for model in unets for seed in cfg.seeds]
-            tiles = np.concatenate([images[model][:shown] for model in unets], axis=1)
+            columns = [f"{model} s{seed}" for model in models for seed in seeds]
+            tiles = np.concatenate([images[model, split][:shown] for model in models], axis=1)
             report.grid(texts[:shown], columns, tiles).save(staging / f"grid-{split}.png")
 
-        if "trained" in unets:
+        if "trained" in models:
             metrics["win_rate"] = {}
             for name in cfg.scorers:
                 pairs = {split: (scores["trained", split][name]["score"], scores["base", split][name]["score"])

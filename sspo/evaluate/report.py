@@ -121,11 +121,12 @@ def sections(metrics: dict) -> list[tuple]:
     blocks = [
         ("h1", "Evaluation"),
         ("list", [
-            f"base model: {metrics['config']['model']}",
+            f"base model: {metrics['model']}",
             f"candidate checkpoint: {metrics['checkpoint'] or '(none: base only)'}",
             f"sampler: {sampler['scheduler']}, {sampler['steps']} steps, guidance {sampler['guidance']}, "
             f"seeds {sampler['seeds']} (the same initial noise for both models)",
             f"prompt sets: {prompt_sets}",
+            *([f"images re-scored from: {metrics['rescored_from']}"] if metrics.get("rescored_from") else []),
         ]),
         ("h2", "Mean score"),
         *_score_tables(metrics),
