@@ -38,6 +38,7 @@ PAPER_PICKSCORE = {
     "sft": 21.32, "spin": 21.55, "sspo": 21.57, "sspo-replay-initial": 21.41, "sspo-replay-latest": 21.34,
     "sspo-ssr-off": 20.88, "sspo-ssr-indicator": 21.56,
 }
+RESULT_FILES = ("results.json", "results.md", "metrics.json", "scores.png", "ssr_vs_reward.png")
 # Two-sided 95% Student-t quantiles by degrees of freedom; beyond the table the normal quantile is close enough.
 T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -105,6 +106,18 @@ def summarize(rows: list[dict]) -> dict:
         summary[arm]["ssr_rate"] = confidence_interval(rates) if rates else None
         summary[arm]["seeds"] = len(arm_rows)
     return summary
+
+
+def flat_metrics(summary: dict) -> dict:
+    """Per arm, each mean and its interval half-width as plain numbers: the shape `dvc metrics` and `dvc exp show`
+    read."""
+    flat = {}
+    for arm, values in summary.items():
+        flat[arm] = {"seeds": values["seeds"]}
+        for key in ("train_score", "heldout_score", "win_rate_heldout", "ssr_rate"):
+            if values[key] is not None:
+                flat[arm][key], flat[arm][f"{key}_ci"] = values[key]
+    return flat
 
 
 def results_table(summary: dict) -> str:
@@ -184,11 +197,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     directory = run_folder(cfg.output)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+    (directory / "metrics.json").write_text(json.dumps(flat_metrics(summary), indent=2))
     table = results_table(summary)
     (directory / "results.md").write_text(table)
     plot(rows, summary, directory)
     if not storage.is_local(cfg.output):
         fs, remote = storage.filesystem(cfg.output)
-        for name in ("results.json", "results.md", "scores.png", "ssr_vs_reward.png"):
+        for name in RESULT_FILES:
             fs.put_file(str(directory / name), storage.join(remote, name))
     return {"output": cfg.output, "arms": len(cfg.arms), "seeds": len(cfg.seeds), "table": table}

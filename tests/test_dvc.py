@@ -126,3 +126,8 @@ def test_experiment_grid_is_its_own_dvc_pipeline_one_stage_per_cell(dvc_repo):
     table = (repo / "experiments" / "toy" / "results.md").read_text()
     assert "| sft | 2 |" in table and "| sspo | 2 |" in table
     assert "up to date" in run(repo, "dvc", "status", "experiments/dvc.yaml").lower()
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json", "experiments/toy/metrics.json"))
+    metrics = shown[""]["data"]["experiments/toy/metrics.json"]["data"]
+    summary = json.loads((repo / "experiments" / "toy" / "results.json").read_text())["summary"]
+    assert metrics["sspo"]["seeds"] == 2
+    assert [metrics["sspo"]["heldout_score"], metrics["sspo"]["heldout_score_ci"]] == summary["sspo"]["heldout_score"]
