@@ -71,7 +71,7 @@ def run_cell(cfg: ExperimentConfig, arm: str, seed: int) -> None:
     })
     if not storage.exists(storage.join(run_url, "metrics.json")):
         train(train_cfg)
-    if not storage.exists(storage.join(eval_url, storage.MANIFEST)):
+    if not is_finished(cfg, arm, seed):
         evaluate(config.load("evaluate", cfg.shared_params or None, {
             "model": cfg.model, "checkpoint": run_url, "output": eval_url, "seeds": cfg.eval_seeds,
             "sample_steps": cfg.eval_sample_steps,
