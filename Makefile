@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SSPO := $(BIN)/sspo
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test test-deps bench clean-demo
 
 # torch first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -22,7 +22,11 @@ demo: setup
 	@echo "Oracle score (mean of colour, shape, position correct); images in eval/sspo/"
 	@cat eval/sspo/table.md
 
-test: setup
+# Debian's Prometheus and Pushgateway for the telemetry tests; what cannot be installed is named in one line.
+test-deps:
+	@sh tools/install-test-deps
+
+test: setup test-deps
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -13,6 +13,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_tools import PROMTOOL, require
 
 from sspo.pipelines import cli as pipeline_cli
 from sspo.pipelines import pipeline
@@ -191,5 +192,6 @@ def test_plain_prometheus_scrape_config_keeps_exactly_the_pushgateway_endpoints(
 def test_prometheus_accepts_the_alert_rules(tmp_path):
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump({"groups": one(render(K8S / "base"), "PrometheusRule", "sspo")["spec"]["groups"]}))
-    result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([require(PROMTOOL), "check", "rules", str(rules)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

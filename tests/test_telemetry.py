@@ -15,19 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_tools import PROMETHEUS, PROMTOOL, PUSHGATEWAY, require
 from s3server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "k8s" / "monitoring" / "alert-rules.yaml"
 DASHBOARD = ROOT / "k8s" / "monitoring" / "grafana-dashboard.json"
-PROMETHEUS, PUSHGATEWAY, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/prometheus-pushgateway", "/usr/bin/promtool"
 # Unique per test session, so no series pushed by another session can answer this one's queries.
 PIPELINE = f"telemetry-test-{uuid.uuid4().hex[:8]}"
-
-
-def require(binary: str) -> None:
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"{binary} is missing: apt-get install -y prometheus prometheus-pushgateway")
 
 
 def get(url: str, timeout: float = 5) -> str:
