@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -128,7 +128,3 @@ def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
-
-
-def sampling_scheduler(noise_scheduler_config: dict) -> DDIMScheduler:
-    return DDIMScheduler.from_config(noise_scheduler_config)
