@@ -23,9 +23,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from sspo import config
-from sspo.cli import run_bootstrap, run_prepare, run_train, run_world
 from sspo.models import load_components, lora_config
 from sspo.sampling import encode_prompts, sample_latents
+from sspo.stages import run_bootstrap, run_prepare, run_train, run_world
 from sspo.train.replay import FullReference, LoraReference, load_safetensors
 
 BATCH = 8

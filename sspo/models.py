@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel
 
 from sspo import storage
-from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
+from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -99,7 +99,7 @@ def prepare(
     if resolution < 1 or shard_size < 1 or (limit is not None and limit < 1):
         raise SSPOError("resolution, shard_size and limit must be positive")
     # Checked before any work so a long run never ends in a refusal; publish_dir checks again atomically.
-    if storage.exists(storage.join(output, storage.MANIFEST)):
+    if storage.is_published(output):
         raise SSPOError(f"{output} already exists; outputs are never overwritten")
 
     fs, root = storage.filesystem(source)

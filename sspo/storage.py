@@ -161,6 +161,11 @@ def exists(url: str) -> bool:
     return retry(lambda: fs.exists(path), f"checking {url}")
 
 
+def is_published(url: str) -> bool:
+    """Whether the folder at `url` is complete: its manifest, written last, exists."""
+    return exists(join(url, MANIFEST))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
@@ -294,6 +299,54 @@ def fetch_dir(url: str) -> Path:
     return download_dir(url, dest)
 
 
+def fetch_file(folder_url: str, name: str) -> Path:
+    """A local copy of one file of a published folder, checked against the folder's manifest on every call, so a
+    file damaged after publishing (or in the cache) is refused instead of used. Only that file is downloaded."""
+    manifest = read_json(join(folder_url, MANIFEST))
+    entry = manifest.get("files", {}).get(name) if isinstance(manifest, dict) else None
+    if entry is None:
+        raise SSPOError(f"{folder_url}: {name} is not listed in its {MANIFEST}")
+    if is_local(folder_url):
+        path = local_path(folder_url) / name
+    else:
+        path = cache_root() / "files" / entry["sha256"]
+        if not path.exists():
+            fs, remote = filesystem(join(folder_url, name))
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                retry(lambda: fs.get_file(remote, str(partial)), f"downloading {join(folder_url, name)}")
+                partial.rename(path)
+            finally:
+                partial.unlink(missing_ok=True)
+    if not path.exists():
+        raise SSPOError(f"{folder_url}: {name} is listed in its {MANIFEST} but missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise SSPOError(f"{join(folder_url, name)} does not match its sha256 in the manifest (corrupt or tampered)")
+    return path
+
+
+def upload_files(local_dir: Path, url: str, names: list[str]) -> None:
+    """Copy the named files of `local_dir` to the folder `url`, replacing what is there, each upload retried."""
+    fs, remote = filesystem(url)
+    for name in names:
+        retry(lambda: fs.put_file(str(local_dir / name), join(remote, name)), f"uploading {name} to {url}")
+
+
+@contextlib.contextmanager
+def output_folder(url: str):
+    """A local folder whose files end up in the folder `url`: the folder itself for a local URL; for a remote one a
+    temporary folder, uploaded (each file retried) when the block succeeds. Files are replaced, not versioned."""
+    require_writable(url)
+    if is_local(url):
+        local_path(url).mkdir(parents=True, exist_ok=True)
+        yield local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="sspo-output-") as folder:
+        yield Path(folder)
+        upload_files(Path(folder), url, sorted(p.name for p in Path(folder).iterdir() if p.is_file()))
+
+
 def write_manifest(directory: Path, extra: dict | None = None) -> dict:
     """sha256 of every file below `directory`, as the dict that becomes its manifest."""
     files = {
@@ -369,20 +422,21 @@ def staged_output(url: str, extra: dict | None = None):
     An existing output is never touched: a complete one is refused, and so is a leftover without a manifest.
     """
     require_writable(url)
-    if exists(join(url, MANIFEST)):
+    if is_published(url):
         raise SSPOError(f"{url} already exists; outputs are never overwritten (choose another output)")
     if is_local(url) and local_path(url).exists():
         raise SSPOError(f"{url} exists but holds no complete output (no {MANIFEST}); remove it first")
     parent_dir = local_path(url).parent if is_local(url) else None
     if parent_dir is not None:
         parent_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sspo-staging-", dir=parent_dir) as staging:
-        staging = Path(staging)
+    with tempfile.TemporaryDirectory(prefix=".sspo-staging-", dir=parent_dir) as scratch:
+        # one level down: the temporary folder itself is private (0700); mkdir gives the mode the umask allows
+        staging = Path(scratch) / "output"
+        staging.mkdir()
         meta = extra if extra is not None else {}
         yield staging, meta
         if is_local(url):
             staging.rename(local_path(url))
-            staging.mkdir()  # TemporaryDirectory removes its folder on exit
             publish_dir(local_path(url), url, meta)
         else:
             publish_dir(staging, url, meta)

@@ -16,14 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
+from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 TRAINING_STATE = "training_state.json"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 def write_checkpoint(

@@ -62,6 +62,9 @@ class LoraReference:
             set_peft_model_state_dict(self.unet, self.entries[entry], adapter_name="reference")
         self.current = entry
 
+    def close(self) -> None:
+        """Adapters load in the training thread: nothing to stop."""
+
     @contextlib.contextmanager
     def model(self):
         """The UNet acting as the reference; restores the trainable adapter afterwards."""
