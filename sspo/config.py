@@ -13,7 +13,6 @@ import yaml
 
 from sspo.errors import SSPOError
 
-OBJECTIVES = ("sspo", "dpo", "spin", "sft")
 REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -86,7 +85,7 @@ class TrainConfig:
     output: str = field(default="runs/sspo", metadata={"help": "run folder path or URL; checkpoints go below it"})
     data_split: str = field(default="", metadata={"help": "train only on samples of this split ('' = all)"})
     objective: str = field(default="sspo", metadata={"help": "sspo, dpo, spin or sft"})
-    ssr: str = field(default="sign", metadata={"help": "self-sampling regularisation: sign, indicator, sft, off"})
+    ssr: str = field(default="sign", metadata={"help": "self-sampling regularization: sign, indicator, sft, off"})
     replay: str = field(default="uniform", metadata={"help": "reference draw: uniform, initial or latest"})
     beta: float = field(default=400.0, metadata={"help": "DPO temperature; 400 for the toy model, ~5000 for SD-1.5"})
     shared_noise: bool = field(default=True, metadata={"help": "one (t, noise) draw for both images of a pair"})
@@ -114,9 +113,9 @@ class TrainConfig:
     pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the final metrics (default $SSPO_PUSHGATEWAY)"})
 
     def validate(self):
-        _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
-        from sspo.objectives import SSR_VARIANTS  # imports torch: only when a train config is checked
+        from sspo.objectives import OBJECTIVES, SSR_VARIANTS  # imports torch: only when a train config is checked
 
+        _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         _require(self.ssr in SSR_VARIANTS, f"ssr must be one of {', '.join(SSR_VARIANTS)}")
         _require(self.replay in REPLAY_DISTRIBUTIONS, f"replay must be one of {', '.join(REPLAY_DISTRIBUTIONS)}")
         _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
@@ -206,6 +205,10 @@ class ExperimentConfig:
     batch_size: int = 16
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "sampling seeds per prompt"})
     eval_sample_steps: int = 20
+    scorers: list[str] = field(default_factory=lambda: ["oracle"], metadata={
+        "help": "comma-separated scorers of every evaluation (as in evaluate); arms are compared by the first"})
+    prompts: list[str] = field(default_factory=lambda: ["toy:train", "toy:heldout"], metadata={
+        "help": "comma-separated prompt sets of every evaluation (as in evaluate); the table details the last"})
     phase: str = field(default="all", metadata={
         "help": "all: run missing (arm, seed) cells, then tabulate; cells: only run them; report: only tabulate "
                 "finished cells (DVC runs cells and report as separate stages)"
@@ -215,6 +218,8 @@ class ExperimentConfig:
         _require(len(self.arms) > 0 and len(self.seeds) > 0, "arms and seeds must not be empty")
         _require(self.phase in EXPERIMENT_PHASES, f"phase must be one of {', '.join(EXPERIMENT_PHASES)}")
         _require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
+        _require(len(self.prompts) > 0, "prompts must name at least one prompt set")
+        _require(len(self.scorers) > 0, "scorers must name at least one scorer")
 
 
 STAGES = {
@@ -238,8 +243,9 @@ def field_types(cls) -> dict[str, typing.Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def coerce(name: str, kind, value):
-    """Turn a YAML or command-line value into the field's type, or fail naming the field."""
+def coerce(name: str, kind, value, what: str = "config"):
+    """Turn a YAML, JSON or command-line value into `kind`, or fail naming `name`. Config fields and pipeline
+    parameters both come through here, so a value means the same in params.yaml, a flag and a --param."""
     try:
         if kind is str and isinstance(value, bool):
             # YAML 1.1 (and tools that rewrite params.yaml, such as `dvc exp run -S`) read a bare `no` as false.
@@ -252,6 +258,12 @@ def coerce(name: str, kind, value):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if kind in (list, dict):
+            # untyped, as a KFP LIST or STRUCT parameter: a YAML/JSON value of that type or JSON text holding one
+            loaded = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(loaded, kind):
+                raise ValueError(value)
+            return loaded
         if typing.get_origin(kind) is dict:
             items = value if isinstance(value, dict) else dict(
                 item.split("=", 1) for item in str(value).split(",") if item.strip())
@@ -263,7 +275,7 @@ def coerce(name: str, kind, value):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise SSPOError(f"invalid config: {name}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        raise SSPOError(f"invalid {what}: {name}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
 def read_yaml_mapping(params_file: str) -> dict:

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sspo import config, storage
+from sspo import config, run_store, storage
 from sspo.config import ExperimentConfig
 from sspo.errors import SSPOError
+from sspo.evaluate import prompts as prompt_sets
 from sspo.evaluate.evaluate import evaluate
-from sspo.train.trainer import run_folder, train
+from sspo.evaluate.results import Evaluation
+from sspo.toy.world import ATTRIBUTES
+from sspo.train.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ PAPER_PICKSCORE = {
     "sft": 21.32, "spin": 21.55, "sspo": 21.57, "sspo-replay-initial": 21.41, "sspo-replay-latest": 21.34,
     "sspo-ssr-off": 20.88, "sspo-ssr-indicator": 21.56,
 }
-RESULT_FILES = ("results.json", "results.md", "metrics.json", "scores.png", "ssr_vs_reward.png")
+LABELS = {"heldout": "held-out", "color": "colour"}  # prompt sets and attributes as the table names them
 # Two-sided 95% Student-t quantiles by degrees of freedom; beyond the table the normal quantile is close enough.
 T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -52,6 +55,16 @@ def confidence_interval(values: list[float]) -> tuple[float, float]:
     return mean, half
 
 
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def compared_on(cfg: ExperimentConfig) -> tuple[str, list[str]]:
+    """The scorer arms are compared by (the first) and the names of the prompt sets every cell is evaluated on; the
+    table details the last set (the held-out prompts by default)."""
+    return cfg.scorers[0], [prompt_sets.name_and_url(spec)[0] for spec in cfg.prompts]
+
+
 def cell_urls(cfg: ExperimentConfig, arm: str, seed: int) -> tuple[str, str]:
     """Where one (arm, seed) trains and where it is evaluated."""
     name = f"{arm}-seed{seed}"
@@ -59,7 +72,7 @@ def cell_urls(cfg: ExperimentConfig, arm: str, seed: int) -> tuple[str, str]:
 
 
 def is_finished(cfg: ExperimentConfig, arm: str, seed: int) -> bool:
-    return storage.exists(storage.join(cell_urls(cfg, arm, seed)[1], storage.MANIFEST))
+    return storage.is_published(cell_urls(cfg, arm, seed)[1])
 
 
 def run_cell(cfg: ExperimentConfig, arm: str, seed: int) -> None:
@@ -69,29 +82,29 @@ def run_cell(cfg: ExperimentConfig, arm: str, seed: int) -> None:
         **ARMS[arm], "model": cfg.model, "data": cfg.data, "data_split": cfg.data_split, "output": run_url,
         "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
     })
-    if not storage.exists(storage.join(run_url, "metrics.json")):
+    if not run_store.is_finished(run_url):
         train(train_cfg)
     if not is_finished(cfg, arm, seed):
         evaluate(config.load("evaluate", cfg.shared_params or None, {
             "model": cfg.model, "checkpoint": run_url, "output": eval_url, "seeds": cfg.eval_seeds,
-            "sample_steps": cfg.eval_sample_steps,
+            "sample_steps": cfg.eval_sample_steps, "scorers": cfg.scorers, "prompts": cfg.prompts,
         }))
 
 
 def measure(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
     """One finished cell's scores, win rates and mean SSR rate."""
     run_url, eval_url = cell_urls(cfg, arm, seed)
-    metrics = storage.read_json(storage.join(eval_url, "metrics.json"))
-    log_rows = [json.loads(line) for line in storage.read_text(storage.join(run_url, "train_log.jsonl")).splitlines()]
+    results = Evaluation.read(eval_url)
+    log_rows = run_store.read_log(run_url)
     ssr = [row["ssr_rate"] for row in log_rows if "ssr_rate" in row]
-    trained, base = metrics["models"]["trained"], metrics["models"]["base"]
-    splits = ("train", "heldout")
+    scorer, splits = compared_on(cfg)
     return {
         "arm": arm, "seed": seed,
-        **{f"{split}_score": trained[split]["oracle"]["mean"] for split in splits},
-        **{f"{split}_{key}": trained[split]["oracle"][key] for split in splits for key in ("color", "shape", "position")},
-        **{f"base_{split}_score": base[split]["oracle"]["mean"] for split in splits},
-        **{f"win_rate_{split}": metrics["win_rate"]["oracle"][split]["rate"] for split in splits},
+        **{f"{split}_score": results.score("trained", split, scorer) for split in splits},
+        **{f"{split}_{key}": value for split in splits
+           for key, value in results.attributes("trained", split, scorer).items()},
+        **{f"base_{split}_score": results.score("base", split, scorer) for split in splits},
+        **{f"win_rate_{split}": results.win_rate(split, scorer).rate for split in splits},
         "ssr_rate": float(np.mean(ssr)) if ssr else None,
     }
 
@@ -108,55 +121,58 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def flat_metrics(summary: dict) -> dict:
+def flat_metrics(summary: dict, splits: list[str]) -> dict:
     """Per arm, each mean and its interval half-width as plain numbers: the shape `dvc metrics` and `dvc exp show`
     read."""
     flat = {}
     for arm, values in summary.items():
         flat[arm] = {"seeds": values["seeds"]}
-        for key in ("train_score", "heldout_score", "win_rate_heldout", "ssr_rate"):
+        for key in (*(f"{split}_score" for split in splits), f"win_rate_{splits[-1]}", "ssr_rate"):
             if values[key] is not None:
                 flat[arm][key], flat[arm][f"{key}_ci"] = values[key]
     return flat
 
 
-def results_table(summary: dict) -> str:
+def results_table(summary: dict, scorer: str, splits: list[str]) -> str:
     def cell(value) -> str:
         return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
 
-    lines = [
-        "| arm | seeds | train score | held-out score | colour (held-out) | position (held-out) | shape (held-out) "
-        "| win rate vs base (held-out) | mean SSR rate | paper PickScore |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    base, detailed = next(iter(summary.values())), splits[-1]
+    # only the toy world's attributes are ever reported, and only by a scorer that knows them (the oracle)
+    attributes = [a for a in ATTRIBUTES if f"{detailed}_{a}" in base]
+    keys = [*(f"{s}_score" for s in splits), *(f"{detailed}_{a}" for a in sorted(attributes)), f"win_rate_{detailed}",
+            "ssr_rate"]
+    columns = ["arm", "seeds", *(f"{label(s)} score" for s in splits),
+               *(f"{label(a)} ({label(detailed)})" for a in sorted(attributes)),
+               f"win rate vs base ({label(detailed)})", "mean SSR rate", "paper PickScore"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for arm, values in summary.items():
-        lines.append(
-            f"| {arm} | {values['seeds']} | {cell(values['train_score'])} | {cell(values['heldout_score'])} "
-            f"| {cell(values['heldout_color'])} | {cell(values['heldout_position'])} "
-            f"| {cell(values['heldout_shape'])} | {cell(values['win_rate_heldout'])} | {cell(values['ssr_rate'])} "
-            f"| {PAPER_PICKSCORE.get(arm, '–')} |"
-        )
-    base = next(iter(summary.values()))
-    lines.append(f"\nBase model: train {base['base_train_score'][0]:.3f}, held-out {base['base_heldout_score'][0]:.3f}. "
-                 "Scores are oracle means (colour, shape, position correct); ± is the 95% t-interval over seeds.")
+        cells = [arm, str(values["seeds"]), *(cell(values[key]) for key in keys), str(PAPER_PICKSCORE.get(arm, "–"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    base_scores = ", ".join(f"{label(s)} {base[f'base_{s}_score'][0]:.3f}" for s in splits)
+    correct = f" ({', '.join(label(a) for a in attributes)} correct)" if attributes else ""
+    lines.append(f"\nBase model: {base_scores}. Scores are {scorer} means{correct}; "
+                 "± is the 95% t-interval over seeds.")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], summary: dict, directory: Path) -> None:
+def plot(rows: list[dict], summary: dict, directory: Path, scorer: str, splits: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(summary)
+    arms, detailed, width = list(summary), splits[-1], 0.8 / len(splits)
     figure, axis = plt.subplots(figsize=(9, 4))
-    for offset, split in ((-0.2, "train"), (0.2, "heldout")):
+    for index, split in enumerate(splits):
         means = [summary[a][f"{split}_score"][0] for a in arms]
         errors = [summary[a][f"{split}_score"][1] for a in arms]
-        axis.bar(np.arange(len(arms)) + offset, means, 0.4, yerr=errors, capsize=3, label=f"{split} prompts")
-    axis.axhline(summary[arms[0]]["base_heldout_score"][0], color="grey", linestyle="--", label="base (held-out)")
+        offset = (index - (len(splits) - 1) / 2) * width
+        axis.bar(np.arange(len(arms)) + offset, means, width, yerr=errors, capsize=3, label=f"{split} prompts")
+    axis.axhline(summary[arms[0]][f"base_{detailed}_score"][0], color="grey", linestyle="--",
+                 label=f"base ({label(detailed)})")
     axis.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
-    axis.set_ylabel("oracle score")
+    axis.set_ylabel(f"{scorer} score")
     axis.legend()
     figure.tight_layout()
     figure.savefig(directory / "scores.png", dpi=120)
@@ -164,12 +180,12 @@ def plot(rows: list[dict], summary: dict, directory: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(5, 4))
     for arm in arms:
-        points = [(row["ssr_rate"], row["heldout_score"]) for row in rows
+        points = [(row["ssr_rate"], row[f"{detailed}_score"]) for row in rows
                   if row["arm"] == arm and row["ssr_rate"] is not None]
         if points:
             axis.scatter(*zip(*points), label=arm)
     axis.set_xlabel("mean SSR rate over training")
-    axis.set_ylabel("held-out oracle score")
+    axis.set_ylabel(f"{label(detailed)} {scorer} score")
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -194,15 +210,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                         "run them first (--phase cells or all)")
     rows = [measure(cfg, arm, seed) for arm, seed in cells]
     summary = summarize(rows)
-    directory = run_folder(cfg.output)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
-    (directory / "metrics.json").write_text(json.dumps(flat_metrics(summary), indent=2))
-    table = results_table(summary)
-    (directory / "results.md").write_text(table)
-    plot(rows, summary, directory)
-    if not storage.is_local(cfg.output):
-        fs, remote = storage.filesystem(cfg.output)
-        for name in RESULT_FILES:
-            fs.put_file(str(directory / name), storage.join(remote, name))
+    scorer, splits = compared_on(cfg)
+    with storage.output_folder(cfg.output) as directory:
+        (directory / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+        (directory / "metrics.json").write_text(json.dumps(flat_metrics(summary, splits), indent=2))
+        table = results_table(summary, scorer, splits)
+        (directory / "results.md").write_text(table)
+        plot(rows, summary, directory, scorer, splits)
     return {"output": cfg.output, "arms": len(cfg.arms), "seeds": len(cfg.seeds), "table": table}

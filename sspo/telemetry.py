@@ -16,6 +16,8 @@ import urllib.error
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 
+from sspo.evaluate.results import Evaluation
+
 log = logging.getLogger(__name__)
 
 PUSHGATEWAY_ENV, PIPELINE_ENV = "SSPO_PUSHGATEWAY", "SSPO_PIPELINE"
@@ -77,16 +79,17 @@ def record_step(stats: dict, samples: int) -> None:
         gpu_memory_bytes.labels("max_allocated").set(torch.cuda.max_memory_allocated())
 
 
-def record_evaluation(metrics: dict) -> None:
-    for model, by_split in metrics["models"].items():
-        for split, by_scorer in by_split.items():
-            for scorer in metrics["scorers"]:
-                mean = by_scorer[scorer]["mean"]
-                eval_score.labels(scorer, model, split).set(math.nan if mean is None else mean)
-    for scorer, by_split in metrics.get("win_rate", {}).items():
-        for split, entry in by_split.items():
-            for gauge, key in ((eval_win_rate, "rate"), (eval_win_rate_low, "ci_low"), (eval_win_rate_high, "ci_high")):
-                gauge.labels(scorer, split).set(math.nan if entry[key] is None else entry[key])
+def record_evaluation(results: Evaluation) -> None:
+    for scorer in results.scorers:
+        for model in results.models:
+            for split in results.splits:
+                score = results.score(model, split, scorer)
+                eval_score.labels(scorer, model, split).set(math.nan if score is None else score)
+        for split in results.win_rate_splits:
+            rate = results.win_rate(split, scorer)
+            for gauge, value in ((eval_win_rate, rate.rate), (eval_win_rate_low, rate.ci_low),
+                                 (eval_win_rate_high, rate.ci_high)):
+                gauge.labels(scorer, split).set(math.nan if value is None else value)
 
 
 @contextlib.contextmanager

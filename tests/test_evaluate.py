@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from sspo import config
-from sspo.cli import run_evaluate, run_train
 from sspo.errors import SSPOError
 from sspo.evaluate import prompts, report
+from sspo.evaluate.results import WinRate
+from sspo.stages import run_evaluate, run_train
 
 FAST = {"seeds": [0], "sample_steps": 2, "bootstrap_samples": 200}
 TOY = {"max_prompts": 12}  # 12 prompts of each toy split keep it fast
@@ -109,11 +110,10 @@ def test_win_rate_counts_ties_half_and_bootstraps_over_pairs():
     result = report.win_rate(candidate, base, samples=500, seed=7)
     outcomes = np.array([1.0, 0.5, 0.0, 1.0])
     resampled = outcomes[np.random.default_rng(7).integers(4, size=(500, 4))].mean(axis=1)
-    assert result == {"rate": 0.625, "ci_low": pytest.approx(np.percentile(resampled, 2.5)),
-                      "ci_high": pytest.approx(np.percentile(resampled, 97.5)), "n": 4, "wins": 2, "ties": 1,
-                      "losses": 1}
+    assert result == WinRate(rate=0.625, ci_low=pytest.approx(np.percentile(resampled, 2.5)),
+                             ci_high=pytest.approx(np.percentile(resampled, 97.5)), n=4, wins=2, ties=1, losses=1)
     assert report.win_rate(candidate, base, samples=500, seed=7) == result
-    assert report.win_rate(np.array([np.nan]), np.array([1.0]), 10, 0)["rate"] is None
+    assert report.win_rate(np.array([np.nan]), np.array([1.0]), 10, 0).rate is None
 
 
 def test_scorer_paths_from_the_command_line_and_params(tmp_path):

@@ -5,11 +5,13 @@ import pytest
 from PIL import Image
 
 from sspo import config
-from sspo.cli import run_prepare
 from sspo.errors import SSPOError
+from sspo.evaluate.results import Evaluation
 from sspo.experiment import confidence_interval, run_experiment
+from sspo.stages import run_prepare
 from sspo.toy import oracle
 from sspo.toy.world import Scene
+from test_scorers import clip_dir  # noqa: F401  (a tiny CLIP: a reward model other than the oracle)
 
 
 def test_confidence_interval_matches_student_t():
@@ -53,6 +55,31 @@ def test_experiment_trains_every_arm_and_resumes(toy_world, base_model, tmp_path
     again = run_experiment(config.load("experiment", None, values))
     assert marker.stat().st_mtime_ns == before
     assert again["table"] == summary["table"]
+
+
+def test_configured_scorers_and_prompt_sets_are_evaluated_and_tabulated(base_model, prepared, clip_dir, tmp_path):
+    (tmp_path / "mine.txt").write_text("a red circle on the left\na blue square at the top\n")
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  sample_steps: 2\n  lr_warmup_steps: 0\nevaluate:\n  max_prompts: 2\n"
+                      f"  bootstrap_samples: 20\n  scorer_paths: {{clipscore: {clip_dir}}}\n")
+    values = {"model": base_model, "data": prepared, "output": str(tmp_path / "exp"), "shared_params": str(params),
+              "arms": "sft", "seeds": "0", "steps": 1, "batch_size": 2, "eval_seeds": "0", "eval_sample_steps": 2,
+              "scorers": "clipscore,oracle", "prompts": f"toy:heldout,mine={tmp_path / 'mine.txt'}"}
+    table = run_experiment(config.load("experiment", None, values))["table"]
+
+    evaluation = Evaluation.read(str(tmp_path / "exp" / "eval" / "sft-seed0"))
+    assert (evaluation.scorers, evaluation.splits) == (["clipscore", "oracle"], ["heldout", "mine"])
+    (row,) = json.loads((tmp_path / "exp" / "results.json").read_text())["runs"]
+    # compared by the first scorer, which reports no per-attribute values
+    assert set(row) == {"arm", "seed", "heldout_score", "mine_score", "base_heldout_score", "base_mine_score",
+                        "win_rate_heldout", "win_rate_mine", "ssr_rate"}
+    assert row["mine_score"] == evaluation.score("trained", "mine", "clipscore")
+    assert row["win_rate_mine"] == evaluation.win_rate("mine", "clipscore").rate
+    assert table.startswith("| arm | seeds | held-out score | mine score | win rate vs base (mine) | mean SSR rate |")
+    assert "Scores are clipscore means; ±" in table
+    flat = json.loads((tmp_path / "exp" / "metrics.json").read_text())["sft"]
+    assert set(flat) == {"seeds", "heldout_score", "heldout_score_ci", "mine_score", "mine_score_ci", "win_rate_mine",
+                         "win_rate_mine_ci"}
 
 
 def test_unknown_arm_is_one_clear_error(tmp_path):

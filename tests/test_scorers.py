@@ -19,9 +19,10 @@ from transformers import (
 )
 
 from sspo import config
-from sspo.cli import main, run_evaluate
+from sspo.cli import main
 from sspo.errors import SSPOError
 from sspo.evaluate import scorers
+from sspo.stages import run_evaluate
 from sspo.toy.model import build_tokenizer
 from sspo.toy.world import Scene, parse_prompt, render
 

@@ -22,7 +22,8 @@ from sspo.config import EvaluateConfig, to_json
 from sspo.errors import SSPOError
 from sspo.evaluate import prompts as prompt_sets
 from sspo.evaluate import report, scorers
-from sspo.checkpoints import resolve_checkpoint
+from sspo.evaluate.results import ALL, Evaluation
+from sspo.run_store import resolve_checkpoint
 from sspo.models import apply_checkpoint, load_components
 from sspo.progress import Progress
 from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
@@ -97,16 +98,17 @@ def generated_images(cfg: EvaluateConfig, sets: list[prompt_sets.PromptSet]) -> 
 
 def saved_images(url: str) -> tuple[list[prompt_sets.PromptSet], dict, dict]:
     """A finished evaluation's prompt sets, images and provenance, read back from its index.jsonl and PNGs."""
+    previous = Evaluation.read(url)
     directory = storage.fetch_dir(url)
     try:
-        previous = json.loads((directory / "metrics.json").read_text())
         rows = [json.loads(line) for line in (directory / "index.jsonl").read_text().splitlines()]
     except (OSError, ValueError) as err:
         raise SSPOError(f"not a finished evaluation: {url} ({err})") from err
-    seeds = previous["sampler"]["seeds"]
+    recorded = previous.data
+    seeds = recorded["sampler"]["seeds"]
     sets, images = [], {}
-    for split in previous["splits"]:
-        for model in previous["models"]:
+    for split in previous.splits:
+        for model in previous.models:
             # index.jsonl lists each (model, split) prompt-major, seed-minor: the order the images were generated in
             listed = [row for row in rows if row["split"] == split and row["model"] == model]
             pixels = np.stack([np.asarray(Image.open(directory / row["file"]).convert("RGB")) for row in listed])
@@ -114,13 +116,13 @@ def saved_images(url: str) -> tuple[list[prompt_sets.PromptSet], dict, dict]:
         per_prompt = listed[:: len(seeds)]
         scenes = [Scene(**{a: row[a] for a in ATTRIBUTES}) if "color" in row else None for row in per_prompt]
         sets.append(prompt_sets.PromptSet(split, [row["prompt"] for row in per_prompt], scenes))
-    provenance = {key: previous[key] for key in ("checkpoint", "sampler", "prompt_sets")}
+    provenance = {key: recorded[key] for key in ("checkpoint", "sampler", "prompt_sets")}
     # evaluations written before "model" was recorded at the top level have it only in their config
-    provenance["model"] = previous.get("model", previous["config"]["model"])
+    provenance["model"] = recorded.get("model", recorded["config"]["model"])
     return sets, images, provenance | {"rescored_from": url}
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
     chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
     if cfg.rescore:
         sets, images, provenance = saved_images(cfg.rescore)
@@ -129,13 +131,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         images, provenance = generated_images(cfg, sets)
     models = list(dict.fromkeys(model for model, _ in images))
     seeds = provenance["sampler"]["seeds"]
-    metrics: dict = {
-        "config": json.loads(to_json(cfg)),
-        **provenance,
-        "scorers": list(cfg.scorers),
-        "splits": [s.name for s in sets],
-        "models": {name: {} for name in models},
-    }
+    results = Evaluation.new({"config": json.loads(to_json(cfg)), **provenance}, cfg.scorers, [s.name for s in sets],
+                             models)
     index_rows = []
     scores: dict = {}  # (model, split) -> score_all() result
     with storage.staged_output(cfg.output) as (staging, manifest_extra):
@@ -147,7 +144,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 flat_scenes = [scene for scene in prompt_set.scenes for _ in seeds]
                 result = score_all(chosen, pil, flat_texts, flat_scenes, cfg.batch_size)
                 scores[model, split] = result
-                metrics["models"][model][split] = {name: report.summarize(by_key) for name, by_key in result.items()}
+                results.add_scores(model, split, {name: report.summarize(by_key) for name, by_key in result.items()})
                 for i, image in enumerate(pil):
                     p, s = divmod(i, len(seeds))
                     file = f"images/{model}/{split}/{p:04d}-seed{seeds[s]}.png"
@@ -166,23 +163,21 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             report.grid(texts[:shown], columns, tiles).save(staging / f"grid-{split}.png")
 
         if "trained" in models:
-            metrics["win_rate"] = {}
             for name in cfg.scorers:
                 pairs = {split: (scores["trained", split][name]["score"], scores["base", split][name]["score"])
-                         for split in metrics["splits"]}
-                pairs["all"] = tuple(np.concatenate([pair[i] for pair in pairs.values()]) for i in (0, 1))
-                metrics["win_rate"][name] = {
-                    split: report.win_rate(trained, base, cfg.bootstrap_samples, cfg.bootstrap_seed)
-                    for split, (trained, base) in pairs.items()
-                }
+                         for split in results.splits}
+                pairs[ALL] = tuple(np.concatenate([pair[i] for pair in pairs.values()]) for i in (0, 1))
+                for split, (trained, base) in pairs.items():
+                    results.add_win_rate(name, split,
+                                         report.win_rate(trained, base, cfg.bootstrap_samples, cfg.bootstrap_seed))
 
         with open(staging / "index.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in index_rows)
         report.write_plots(staging, index_rows, list(cfg.scorers))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (staging / "table.md").write_text(report.table(metrics))
-        (staging / "report.md").write_text(report.markdown(metrics))
-        (staging / "report.html").write_text(report.html_report(metrics, staging))
+        results.write(staging)
+        (staging / "table.md").write_text(report.table(results))
+        (staging / "report.md").write_text(report.markdown(results))
+        (staging / "report.html").write_text(report.html_report(results, staging))
         manifest_extra["scorers"] = list(cfg.scorers)
-    telemetry.record_evaluation(metrics)
-    return metrics
+    telemetry.record_evaluation(results)
+    return results

@@ -54,16 +54,22 @@ def parse_lines(text: str, source: str) -> list[str]:
     return prompts
 
 
+def name_and_url(spec: str) -> tuple[str, str]:
+    """A prompt set's name (the toy split, NAME of NAME=URL, else the file's stem) and its URL ('' for the toy's)."""
+    if spec.startswith(TOY_PREFIX):
+        return spec.removeprefix(TOY_PREFIX), ""
+    name, _, url = spec.partition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+    return name or PurePosixPath(url).stem, url
+
+
 def load(spec: str, limit: int = 0) -> PromptSet:
     """The prompt set named by `spec` (see the module doc), cut to its first `limit` prompts when limit > 0."""
+    name, url = name_and_url(spec)
     if spec.startswith(TOY_PREFIX):
-        split = spec.removeprefix(TOY_PREFIX)
-        if split not in ("train", "heldout"):
+        if name not in ("train", "heldout"):
             raise SSPOError(f"unknown prompt set {spec!r}; the toy world has toy:train and toy:heldout")
-        name, prompts = split, [scene.prompt for scene in split_scenes(split)]
+        prompts = [scene.prompt for scene in split_scenes(name)]
     else:
-        name, _, url = spec.partition("=") if "=" in spec.split("://")[0] else ("", "", spec)
-        name = name or PurePosixPath(url).stem
         prompts = parse_lines(storage.read_text(url), url)
     if limit:
         prompts = prompts[:limit]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sspo.evaluate.results import Evaluation, WinRate
 from sspo.toy.world import ATTRIBUTES
 
 TILE = 96
@@ -30,26 +31,26 @@ def summarize(scored: dict[str, np.ndarray]) -> dict:
     return summary | {"n": int(np.count_nonzero(~np.isnan(scored["score"])))}
 
 
-def win_rate(candidate: np.ndarray, base: np.ndarray, samples: int, seed: int) -> dict:
+def win_rate(candidate: np.ndarray, base: np.ndarray, samples: int, seed: int) -> WinRate:
     """Fraction of paired (prompt, seed) images where the candidate scores higher, ties counting half, with a
     percentile bootstrap interval over the pairs (resampling seeded, so the same inputs give the same interval)."""
     keep = ~(np.isnan(candidate) | np.isnan(base))
     outcomes = (np.sign(candidate[keep] - base[keep]) + 1) / 2
     n = len(outcomes)
     if n == 0:
-        return {"rate": None, "ci_low": None, "ci_high": None, "n": 0, "wins": 0, "ties": 0, "losses": 0}
+        return WinRate(rate=None, ci_low=None, ci_high=None, n=0, wins=0, ties=0, losses=0)
     draws = np.random.default_rng(seed).integers(n, size=(samples, n))
     resampled = outcomes[draws].mean(axis=1)
     tail = (1 - CONFIDENCE) / 2 * 100
-    return {
-        "rate": float(outcomes.mean()),
-        "ci_low": float(np.percentile(resampled, tail)),
-        "ci_high": float(np.percentile(resampled, 100 - tail)),
-        "n": n,
-        "wins": int((outcomes == 1).sum()),
-        "ties": int((outcomes == 0.5).sum()),
-        "losses": int((outcomes == 0).sum()),
-    }
+    return WinRate(
+        rate=float(outcomes.mean()),
+        ci_low=float(np.percentile(resampled, tail)),
+        ci_high=float(np.percentile(resampled, 100 - tail)),
+        n=n,
+        wins=int((outcomes == 1).sum()),
+        ties=int((outcomes == 0.5).sum()),
+        losses=int((outcomes == 0).sum()),
+    )
 
 
 def grid(rows: list[str], columns: list[str], images: np.ndarray) -> Image.Image:
@@ -72,50 +73,50 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _interval(entry: dict) -> str:
-    if entry["rate"] is None:
+def _interval(win_rate: WinRate) -> str:
+    if win_rate.rate is None:
         return "–"
-    return f"{entry['rate']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}] (n={entry['n']})"
+    return f"{win_rate.rate:.3f} [{win_rate.ci_low:.3f}, {win_rate.ci_high:.3f}] (n={win_rate.n})"
 
 
-def table(metrics: dict) -> str:
+def table(results: Evaluation) -> str:
     """Markdown table of the first scorer's mean per model and prompt set, and the win rate (the demo prints it)."""
-    scorer, splits = metrics["scorers"][0], metrics["splits"]
+    splits = results.splits
     labels = {"train": "train prompts", "heldout": "held-out prompts"}
     lines = ["| model | " + " | ".join(labels.get(s, s) for s in splits) + " |", "|---" * (len(splits) + 1) + "|"]
-    for model, by_split in metrics["models"].items():
-        lines.append(f"| {model} | " + " | ".join(_number(by_split[s][scorer]["mean"]) for s in splits) + " |")
-    if metrics.get("win_rate"):
-        rates = metrics["win_rate"][scorer]
-        lines.append("| win rate trained vs base | " + " | ".join(_number(rates[s]["rate"]) for s in splits) + " |")
+    for model in results.models:
+        lines.append(f"| {model} | " + " | ".join(_number(results.score(model, s)) for s in splits) + " |")
+    if results.win_rate_splits:
+        lines.append("| win rate trained vs base | " + " | ".join(_number(results.win_rate(s).rate) for s in splits)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
-def _score_tables(metrics: dict) -> list[tuple]:
-    splits = metrics["splits"]
+def _score_tables(results: Evaluation) -> list[tuple]:
     blocks = []
-    for scorer in metrics["scorers"]:
-        rows = [[model, *(_number(by_split[s][scorer]["mean"]) for s in splits)]
-                for model, by_split in metrics["models"].items()]
-        blocks += [("h3", scorer), ("table", ["model", *splits], rows)]
+    for scorer in results.scorers:
+        rows = [[model, *(_number(results.score(model, s, scorer)) for s in results.splits)]
+                for model in results.models]
+        blocks += [("h3", scorer), ("table", ["model", *results.splits], rows)]
     return blocks
 
 
-def _win_rate_table(metrics: dict) -> tuple:
-    columns = [*metrics["splits"], "all"]
-    rows = [[scorer, *(_interval(by_split[s]) for s in columns)] for scorer, by_split in metrics["win_rate"].items()]
+def _win_rate_table(results: Evaluation) -> tuple:
+    columns = results.win_rate_splits
+    rows = [[scorer, *(_interval(results.win_rate(s, scorer)) for s in columns)] for scorer in results.scorers]
     return ("table", ["scorer", *columns], rows)
 
 
-def _attribute_table(metrics: dict) -> tuple:
-    splits = metrics["splits"]
-    rows = [[model, attribute, *(_number(by_split[s]["oracle"].get(attribute)) for s in splits)]
-            for model, by_split in metrics["models"].items() for attribute in ATTRIBUTES]
-    return ("table", ["model", "attribute", *splits], rows)
+def _attribute_table(results: Evaluation) -> tuple:
+    rows = [[model, attribute, *(_number(results.attributes(model, s, "oracle").get(attribute))
+                                 for s in results.splits)]
+            for model in results.models for attribute in ATTRIBUTES]
+    return ("table", ["model", "attribute", *results.splits], rows)
 
 
-def sections(metrics: dict) -> list[tuple]:
+def sections(results: Evaluation) -> list[tuple]:
     """The report as blocks (heading, paragraph, list, table, grid image) that markdown() and html_report() render."""
+    metrics = results.data  # provenance, shown as recorded
     sampler = metrics["sampler"]
     prompt_sets = ", ".join(f"{name} ({info['prompts']} prompts)" for name, info in metrics["prompt_sets"].items())
     blocks = [
@@ -129,24 +130,24 @@ def sections(metrics: dict) -> list[tuple]:
             *([f"images re-scored from: {metrics['rescored_from']}"] if metrics.get("rescored_from") else []),
         ]),
         ("h2", "Mean score"),
-        *_score_tables(metrics),
+        *_score_tables(results),
     ]
-    if metrics.get("win_rate"):
+    if results.win_rate_splits:
         blocks += [
             ("h2", "Win rate of the candidate over the base"),
             ("p", f"Per (prompt, seed) pair, ties count half; {CONFIDENCE:.0%} bootstrap interval over pairs "
                   f"({metrics['config']['bootstrap_samples']} resamples, seed {metrics['config']['bootstrap_seed']})."),
-            _win_rate_table(metrics),
+            _win_rate_table(results),
         ]
-    if "oracle" in metrics["scorers"]:
-        blocks += [("h2", "Toy-world attribute accuracy (oracle)"), _attribute_table(metrics)]
-    blocks += [("h2", "Images"), *(("image", split) for split in metrics["splits"])]
+    if "oracle" in results.scorers:
+        blocks += [("h2", "Toy-world attribute accuracy (oracle)"), _attribute_table(results)]
+    blocks += [("h2", "Images"), *(("image", split) for split in results.splits)]
     return blocks
 
 
-def markdown(metrics: dict) -> str:
+def markdown(results: Evaluation) -> str:
     lines = []
-    for kind, *payload in sections(metrics):
+    for kind, *payload in sections(results):
         if kind in ("h1", "h2", "h3"):
             lines += ["#" * int(kind[1]) + " " + payload[0], ""]
         elif kind == "p":
@@ -162,10 +163,10 @@ def markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def html_report(metrics: dict, directory: Path) -> str:
+def html_report(results: Evaluation, directory: Path) -> str:
     """The same report as one self-contained HTML page, the grids embedded as base64 PNGs."""
     parts = []
-    for kind, *payload in sections(metrics):
+    for kind, *payload in sections(results):
         if kind in ("h1", "h2", "h3", "p"):
             parts.append(f"<{kind}>{html.escape(payload[0])}</{kind}>")
         elif kind == "list":

@@ -57,6 +57,7 @@ def evaluate(model_uri: str, checkpoint: str, registry_url: str, model_name: str
     """Base vs candidate on fixed prompts × seeds, and base vs the current production version with the very same
     settings (when there is one), so that the promotion compares like with like. Production goes first: the
     candidate's scores are the ones left on the Pushgateway."""
+    from sspo.evaluate.results import Evaluation
     from sspo.pipelines import shell
 
     settings = dict(model=model_uri, prompts=prompts, scorers=scorers, seeds=seeds, sample_steps=sample_steps,
@@ -67,7 +68,7 @@ def evaluate(model_uri: str, checkpoint: str, registry_url: str, model_name: str
     shell.run_stage("evaluate", checkpoint=checkpoint, output=evaluation.uri, **settings)
     shell.finish_output(evaluation)
     shell.finish_output(production_evaluation)
-    for name, value in shell.scalar_metrics(shell.read_evaluation(evaluation.uri)).items():
+    for name, value in Evaluation.read(evaluation.uri).scalars().items():
         metrics.log_metric(name, value)
     with open(report.path, "w") as f:
         f.write(shell.report_markdown(evaluation.uri))

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from sspo import storage
 from sspo.errors import SSPOError
+from sspo.evaluate.results import METRICS_FILE, Evaluation
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 
 
 def run(argv: list) -> None:
-    """Run `sspo ARGV...` in this process; a non-zero exit raises (the CLI has already said why)."""
-    from sspo.cli import main
-
+    """Run `sspo ARGV...` as its own process, as a user would; a non-zero exit raises (the CLI has already said
+    why on stderr)."""
     argv = [str(arg) for arg in argv]
-    code = main(argv)
+    code = subprocess.run([sys.executable, "-m", "sspo", *argv]).returncode
     if code != 0:
         raise RuntimeError(f"`sspo {' '.join(argv)}` failed with exit code {code}")
 
@@ -41,43 +43,9 @@ def finish_output(artifact) -> None:
         os.makedirs(artifact.path, exist_ok=True)
 
 
-def read_evaluation(evaluation_uri: str) -> dict | None:
-    """An evaluation's metrics.json, or None where no evaluation was written."""
-    url = storage.join(evaluation_uri, "metrics.json")
-    return storage.read_json(url) if storage.exists(url) else None
-
-
-def primary_score(metrics: dict, model: str, split: str) -> float:
-    """The mean of the evaluation's first scorer (the oracle on the toy world) for `model` on prompt set `split`."""
-    try:
-        scorer = metrics["scorers"][0]
-        return float(metrics["models"][model][split][scorer]["mean"])
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise SSPOError(f"evaluation metrics hold no primary score for {model} on prompt set {split!r}") from None
-
-
-def win_rate(metrics: dict, split: str) -> float:
-    """How often the trained model beats the base model on `split` by the first scorer (ties count half)."""
-    try:
-        return float(metrics["win_rate"][metrics["scorers"][0]][split]["rate"])
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise SSPOError(f"evaluation metrics hold no win rate on prompt set {split!r}") from None
-
-
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """Every number under `models` and `win_rate`, named by its path (e.g. models.trained.heldout.oracle.mean)."""
-    scalars: dict[str, float] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[prefix] = float(value)
-
-    for section in ("models", "win_rate"):
-        walk(section, metrics.get(section, {}))
-    return scalars
+def read_evaluation(evaluation_uri: str) -> Evaluation | None:
+    """An evaluation's results, or None where no evaluation was written (no production version yet)."""
+    return Evaluation.read(evaluation_uri) if storage.exists(storage.join(evaluation_uri, METRICS_FILE)) else None
 
 
 def report_markdown(evaluation_uri: str) -> str:
@@ -108,16 +76,19 @@ def production_checkpoint(registry_url: str, model_name: str) -> str:
     return registry.version_url(registry_url, model_name, version) if version else ""
 
 
-def promotion_decision(candidate: dict, production: dict | None, split: str, min_win_rate: float,
+def promotion_decision(candidate: Evaluation, production: Evaluation | None, split: str, min_win_rate: float,
                        min_improvement: float) -> tuple[bool, str]:
-    """Promote when the candidate beats the base model often enough and beats the production version's score
-    (measured in the same run, so prompts, seeds, sampler and scorers are identical)."""
-    rate, score = win_rate(candidate, split), primary_score(candidate, "trained", split)
+    """Promote when the candidate beats the base model often enough and beats the production version's score by
+    the primary scorer (measured in the same run, so prompts, seeds, sampler and scorers are identical)."""
+    rate, score = candidate.win_rate(split).rate, candidate.score("trained", split)
+    current = production.score("trained", split) if production is not None else None
+    if rate is None or score is None or (production is not None and current is None):
+        raise SSPOError(f"scorer {candidate.primary_scorer} scored no image of prompt set {split!r}: "
+                        "it cannot decide a promotion")
     if rate < min_win_rate:
         return False, f"win rate vs base {rate:.3f} is below the minimum {min_win_rate:.3f}"
     if production is None:
         return True, f"no production version yet; win rate {rate:.3f}, score {score:.3f}"
-    current = primary_score(production, "trained", split)
     if score < current + min_improvement:
         return False, f"score {score:.3f} does not beat production's {current:.3f} by {min_improvement:.3f}"
     return True, f"score {score:.3f} beats production's {current:.3f} by at least {min_improvement:.3f}"
@@ -125,11 +96,9 @@ def promotion_decision(candidate: dict, production: dict | None, split: str, min
 
 def should_promote(evaluation_uri: str, production_evaluation_uri: str, split: str, min_win_rate: float,
                    min_improvement: float) -> bool:
-    candidate = read_evaluation(evaluation_uri)
-    if candidate is None:
-        raise SSPOError(f"no evaluation metrics at {evaluation_uri}")
-    promote, reason = promotion_decision(candidate, read_evaluation(production_evaluation_uri), split,
-                                         min_win_rate, min_improvement)
+    production = read_evaluation(production_evaluation_uri)
+    promote, reason = promotion_decision(Evaluation.read(evaluation_uri), production, split, min_win_rate,
+                                         min_improvement)
     print(f"{'promote' if promote else 'keep production'}: {reason}")
     return promote
 
