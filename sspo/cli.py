@@ -3,106 +3,26 @@
 Every config field of a stage is a flag; values come from the defaults, then the stage's section of params.yaml
 (`--params`, default ./params.yaml when it exists), then the flags.
 
-Command groups that are not a single stage (e.g. `sspo registry ...`) live in their own modules, listed in
-COMMAND_GROUPS: each has `add_commands(subparsers)`, whose parsers set a `handler(args) -> dict` default.
+The stages themselves are library calls in `sspo.stages`. Command groups that are not a single stage set a
+`handler(args) -> dict` default on their parsers: `sspo registry ...` is below (the registry library itself knows
+nothing of the CLI), `sspo pipeline ...` lives in `sspo.pipelines.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from sspo import __version__, config
+from sspo import __version__, config, registry, storage
 from sspo.errors import SSPOError
+from sspo.pipelines import cli as pipeline_cli
+from sspo.stages import RUNNERS, run_register
 
 log = logging.getLogger("sspo")
-
-
-def run_world(cfg: config.WorldConfig) -> dict:
-    from sspo import storage
-    from sspo.toy.world import generate
-
-    with storage.staged_output(cfg.output) as (staging, extra):
-        summary = generate(staging, cfg.samples_per_scene, cfg.seed)
-        extra.update(summary)
-    return summary
-
-
-def run_bootstrap(cfg: config.BootstrapConfig) -> dict:
-    from sspo import storage
-    from sspo.toy.bootstrap import bootstrap
-
-    with storage.staged_output(cfg.output) as (staging, extra):
-        summary = bootstrap(cfg, staging)
-        (staging / "bootstrap.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **summary}, indent=2))
-        extra.update(summary)
-    return summary
-
-
-def run_prepare(cfg: config.PrepareConfig) -> dict:
-    from sspo.prepare import prepare
-
-    return prepare(
-        cfg.source,
-        cfg.output,
-        source_format=cfg.format,
-        resolution=cfg.resolution,
-        keep_pairs=cfg.keep_pairs,
-        on_error=cfg.on_error,
-        limit=cfg.limit or None,
-    )
-
-
-def run_train(cfg: config.TrainConfig) -> dict:
-    from sspo import telemetry
-    from sspo.train.trainer import train
-
-    with telemetry.serve_training(cfg.metrics_port):
-        return train(cfg)
-
-
-def run_register(cfg: config.RegisterConfig) -> dict:
-    from sspo.registry import register
-
-    record = register(cfg)
-    print(json.dumps(record))
-    return record
-
-
-def run_evaluate(cfg: config.EvaluateConfig) -> dict:
-    from sspo.evaluate.evaluate import evaluate, table
-
-    metrics = evaluate(cfg)
-    print(table(metrics))
-    return {"output": cfg.output}
-
-
-def run_experiment(cfg: config.ExperimentConfig) -> dict:
-    from sspo.experiment import run_experiment as experiment
-
-    summary = experiment(cfg)
-    if "table" in summary:
-        print(summary.pop("table"))
-    return summary
-
-
-RUNNERS = {
-    "world": run_world,
-    "bootstrap": run_bootstrap,
-    "prepare": run_prepare,
-    "train": run_train,
-    "register": run_register,
-    "evaluate": run_evaluate,
-    "experiment": run_experiment,
-}
-
-
-COMMAND_GROUPS: tuple[str, ...] = ("sspo.registry", "sspo.pipelines.cli")
 
 
 def add_config_flags(sub: argparse.ArgumentParser, stage: str, cls) -> None:
@@ -122,6 +42,77 @@ def add_config_flags(sub: argparse.ArgumentParser, stage: str, cls) -> None:
                              help=f"{help_text} (default: {default})")
 
 
+# -- `sspo registry ...`
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def registry_list(args) -> dict:
+    names = [args.name] if args.name else registry._children(args.registry)
+    _print_json({name: {"versions": registry.list_versions(args.registry, name),
+                        "aliases": registry.list_aliases(args.registry, name)} for name in names})
+    return {}
+
+
+def registry_show(args) -> dict:
+    version = registry.resolve_version(args.registry, args.name, args.version, args.alias)
+    url = registry.version_url(args.registry, args.name, version)
+    manifest = storage.read_json(storage.join(url, storage.MANIFEST))
+    _print_json({**storage.read_json(storage.join(url, registry.LINEAGE)), "url": url,
+                 "published_at": manifest.get("published_at")})
+    return {}
+
+
+def registry_promote(args) -> dict:
+    record = registry.set_alias(args.registry, args.name, args.alias, args.version)
+    _print_json(record)
+    return {"alias": args.alias, "version": args.version, "previous": record["previous"]}
+
+
+def registry_pull(args) -> dict:
+    return registry.pull(args.registry, args.name, args.output, args.version, args.alias)
+
+
+def registry_publish(args) -> dict:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "command", "params", "handler")}
+    return run_register(config.load("register", args.params, overrides))
+
+
+def add_registry_commands(stages) -> None:
+    parser = stages.add_parser("registry", help="list, show, publish, promote and pull registered checkpoints",
+                               description=registry.__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    def command(name: str, help_text: str, handler, model_required: bool = True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--registry", required=True, help="registry root URL, e.g. s3://bucket/registry")
+        sub.add_argument("--name", required=model_required, default="", help="model name")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def version_or_alias(sub, required: bool = True):
+        group = sub.add_mutually_exclusive_group(required=required)
+        group.add_argument("--version", default="", help="version id")
+        group.add_argument("--alias", default="", help="alias, e.g. production")
+
+    command("list", "list models, their published versions and aliases (JSON)", registry_list, model_required=False)
+    version_or_alias(command("show", "print a version's lineage (JSON)", registry_show))
+    promote = command("promote", "point an alias at a published version (recorded in the alias history)",
+                      registry_promote)
+    promote.add_argument("--version", required=True, help="version id")
+    promote.add_argument("--alias", required=True, help="alias, e.g. production")
+    pull_parser = command("pull", "download a version (or alias) to a local folder, verifying every sha256",
+                          registry_pull)
+    version_or_alias(pull_parser)
+    pull_parser.add_argument("--output", required=True, help="new local folder")
+    publish = commands.add_parser("publish", help="same as `sspo register`",
+                                  description=config.RegisterConfig.__doc__)
+    add_config_flags(publish, "register", config.RegisterConfig)
+    publish.set_defaults(handler=registry_publish)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models.")
     parser.add_argument("--version", action="version", version=f"sspo {__version__}")
@@ -129,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, cls in config.STAGES.items():
         doc = cls.__doc__.strip()
         add_config_flags(stages.add_parser(stage, help=doc, description=doc), stage, cls)
-    for module in COMMAND_GROUPS:
-        importlib.import_module(module).add_commands(stages)
+    add_registry_commands(stages)
+    pipeline_cli.add_commands(stages)
     return parser
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from sspo import __version__, storage
 from sspo.config import RegisterConfig
 from sspo.errors import SSPOError
-from sspo.checkpoints import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, resolve_checkpoint
+from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, config_of_checkpoint, resolve_checkpoint
 
 LINEAGE = "lineage.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -74,7 +74,7 @@ def _version_order(version: str):
 def list_versions(root: str, name: str) -> list[str]:
     """Complete (published) versions, integers in numeric order first."""
     folders = _children(storage.join(model_url(root, name), "versions"))
-    published = [v for v in folders if storage.exists(storage.join(version_url(root, name, v), storage.MANIFEST))]
+    published = [v for v in folders if storage.is_published(version_url(root, name, v))]
     return sorted(published, key=_version_order)
 
 
@@ -103,7 +103,7 @@ def resolve_version(root: str, name: str, version: str = "", alias: str = "") ->
         raise SSPOError("give exactly one of --version and --alias")
     if alias:
         version = read_alias(root, name, alias)["version"]
-    if not storage.exists(storage.join(version_url(root, name, version), storage.MANIFEST)):
+    if not storage.is_published(version_url(root, name, version)):
         raise SSPOError(f"{name} version {version} is not published in {root}")
     return version
 
@@ -134,8 +134,6 @@ def data_lineage(data: str) -> dict:
 
 def lineage(cfg: RegisterConfig, version: str, checkpoint: str, info: dict) -> dict:
     """What the version was made from. It holds no time, so a retried publish writes the same file."""
-    run = storage.parent(storage.parent(checkpoint))  # <run>/checkpoints/step-NNNNNNN
-    run_config = storage.join(run, "config.json")
     return {
         "name": cfg.name,
         "version": version,
@@ -146,7 +144,7 @@ def lineage(cfg: RegisterConfig, version: str, checkpoint: str, info: dict) -> d
         "parent": info.get("base_model"),
         "data": data_lineage(cfg.data or info["data"]),
         "code": {"sspo_version": __version__, "git_commit": git_commit()},
-        "train_config": storage.read_json(run_config) if storage.exists(run_config) else None,
+        "train_config": config_of_checkpoint(checkpoint),
         "metrics": storage.read_json(cfg.metrics) if cfg.metrics else None,
     }
 
@@ -214,78 +212,3 @@ def pull(root: str, name: str, output: str, version: str = "", alias: str = "") 
     url = version_url(root, name, version)
     storage.download_dir(url, destination, require_manifest=True)
     return {"name": name, "version": version, "url": url, "output": str(destination)}
-
-
-# -- `sspo registry ...`
-
-
-def _print_json(value) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def cmd_list(args) -> dict:
-    names = [args.name] if args.name else _children(args.registry)
-    listing = {name: {"versions": list_versions(args.registry, name), "aliases": list_aliases(args.registry, name)}
-               for name in names}
-    _print_json(listing)
-    return {}
-
-
-def cmd_show(args) -> dict:
-    version = resolve_version(args.registry, args.name, args.version, args.alias)
-    url = version_url(args.registry, args.name, version)
-    manifest = storage.read_json(storage.join(url, storage.MANIFEST))
-    _print_json({**storage.read_json(storage.join(url, LINEAGE)), "url": url,
-                 "published_at": manifest.get("published_at")})
-    return {}
-
-
-def cmd_promote(args) -> dict:
-    record = set_alias(args.registry, args.name, args.alias, args.version)
-    _print_json(record)
-    return {"alias": args.alias, "version": args.version, "previous": record["previous"]}
-
-
-def cmd_pull(args) -> dict:
-    return pull(args.registry, args.name, args.output, args.version, args.alias)
-
-
-def cmd_publish(args) -> dict:
-    from sspo import cli, config
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "command", "params", "handler")}
-    return cli.run_register(config.load("register", args.params, overrides))
-
-
-def add_commands(stages) -> None:
-    from sspo import cli
-
-    parser = stages.add_parser("registry", help="list, show, publish, promote and pull registered checkpoints",
-                               description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-
-    def command(name: str, help_text: str, handler, model_required: bool = True):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--registry", required=True, help="registry root URL, e.g. s3://bucket/registry")
-        sub.add_argument("--name", required=model_required, default="", help="model name")
-        sub.set_defaults(handler=handler)
-        return sub
-
-    def version_or_alias(sub, required: bool = True):
-        group = sub.add_mutually_exclusive_group(required=required)
-        group.add_argument("--version", default="", help="version id")
-        group.add_argument("--alias", default="", help="alias, e.g. production")
-
-    command("list", "list models, their published versions and aliases (JSON)", cmd_list, model_required=False)
-    version_or_alias(command("show", "print a version's lineage (JSON)", cmd_show))
-    promote = command("promote", "point an alias at a published version (recorded in the alias history)",
-                      cmd_promote)
-    promote.add_argument("--version", required=True, help="version id")
-    promote.add_argument("--alias", required=True, help="alias, e.g. production")
-    pull_parser = command("pull", "download a version (or alias) to a local folder, verifying every sha256",
-                          cmd_pull)
-    version_or_alias(pull_parser)
-    pull_parser.add_argument("--output", required=True, help="new local folder")
-    publish = commands.add_parser("publish", help="same as `sspo register`", description=RegisterConfig.__doc__)
-    cli.add_config_flags(publish, "register", RegisterConfig)
-    publish.set_defaults(handler=cmd_publish)

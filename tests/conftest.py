@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sspo import config  # noqa: E402
-from sspo.cli import run_bootstrap, run_prepare, run_world  # noqa: E402
+from sspo.stages import run_bootstrap, run_prepare, run_world  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +52,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(base_model, prepared, tmp_path_factory):
     """A two-step full fine-tune with a published checkpoint after each step."""
-    from sspo.cli import run_train
+    from sspo.stages import run_train
 
     output = str(tmp_path_factory.mktemp("toy") / "run")
     overrides = {"model": base_model, "data": prepared, "output": output, "steps": 2, "batch_size": 2,

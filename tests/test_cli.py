@@ -1,16 +1,19 @@
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from sspo import config
+from sspo import config, registry, storage
 from sspo.errors import SSPOError
 
 
-def sspo(*args, cwd="/"):
+def sspo(*args, cwd="/", umask=-1):
     """Runs outside the repository so its params.yaml does not apply."""
-    return subprocess.run([sys.executable, "-m", "sspo.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "sspo.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          umask=umask)
 
 
 @pytest.mark.parametrize("stage", [None, *config.STAGES])
@@ -63,3 +66,28 @@ def test_outputs_are_never_overwritten(tmp_path):
     again = sspo("world", "--output", str(tmp_path / "w"), "--samples-per-scene", "1")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (tmp_path / "w" / "manifest.json").read_text() == before
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): stat.S_IMODE(path.stat().st_mode) for path in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_published_and_pulled_outputs_get_the_mode_the_umask_gives(tmp_path, umask):
+    """On a shared volume others read what a stage published (or pulled) exactly as far as the umask allows."""
+    def expected(folder: Path) -> dict[str, int]:
+        return {name: (0o777 if (folder / name).is_dir() else 0o666) & ~umask for name in modes(folder)}
+
+    world = tmp_path / "world"
+    assert sspo("world", "--output", str(world), "--samples-per-scene", "1", umask=umask).returncode == 0
+    assert modes(world) == expected(world)
+    if umask == 0o022:
+        assert modes(world)["."] == 0o755 and all(mode & stat.S_IROTH for mode in modes(world).values())
+
+    root = str(tmp_path / "registry")
+    storage.publish_dir(world, registry.version_url(root, "toy", "1"))
+    pulled = tmp_path / "pulled" / "toy"
+    result = sspo("registry", "pull", "--registry", root, "--name", "toy", "--version", "1", "--output", str(pulled),
+                  umask=umask)
+    assert result.returncode == 0, result.stderr
+    assert modes(pulled) == expected(pulled)

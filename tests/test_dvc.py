@@ -13,7 +13,7 @@ import yaml
 from s3server import BUCKET
 
 from sspo import config, storage
-from sspo.cli import run_train
+from sspo.stages import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("data/world", "models/base", "data/prepared", "runs/sspo", "runs/registered.json", "eval/sspo")

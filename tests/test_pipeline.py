@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 from google.protobuf import json_format
+from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from sspo import cli, registry
+from sspo.config import coerce
+from sspo.errors import SSPOError
+from sspo.evaluate.results import Evaluation, WinRate
 from sspo.pipelines import IMAGE, pipeline, shell
+from sspo.pipelines.cli import convert_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "pipelines" / "sspo_pipeline.yaml"
@@ -117,7 +122,7 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("argv, message", [
     (["submit", *REQUIRED, "--param", "stepz=3"], "unknown pipeline parameter(s): stepz"),
-    (["submit", *REQUIRED, "--param", "steps=many"], "steps='many' is not a valid integer"),
+    (["submit", *REQUIRED, "--param", "steps=many"], "invalid pipeline parameter: steps='many' is not a valid int"),
     (["submit", "--param", "steps=3"], "missing required pipeline parameter(s): model_uri, data_uri, registry_url"),
     (["schedule", "create", *REQUIRED, "--name", "nightly", "--cron", "0 3 * * *"], "has 5 fields"),
 ])
@@ -126,6 +131,31 @@ def test_bad_parameters_fail_before_any_connection(argv, message, capsys):
     assert cli.main(["pipeline", *argv, "--host", host]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@dsl.component(base_image=IMAGE)
+def takes_every_parameter_type(flag: bool, count: int, rate: float, name: str, items: list, options: dict):
+    pass
+
+
+@dsl.pipeline
+def every_parameter_type(flag: bool, count: int, rate: float, name: str, items: list, options: dict):
+    takes_every_parameter_type(flag=flag, count=count, rate=rate, name=name, items=items, options=options)
+
+
+@pytest.mark.parametrize("flag", ["true", "False", "yes", "no", "on", "OFF", "1", "0", True])
+def test_pipeline_parameters_convert_as_config_values_do(flag):
+    given = {"flag": flag, "count": "3", "rate": "0.5", "name": "x", "items": "[1, \"a\"]", "options": {"k": 1}}
+    values = convert_parameters(every_parameter_type, given)
+    assert values.pop("flag") is coerce("shared_noise", bool, flag)
+    assert values == {"count": 3, "rate": 0.5, "name": "x", "items": [1, "a"], "options": {"k": 1}}
+
+
+@pytest.mark.parametrize("name, value", [("flag", "maybe"), ("count", "1.5"), ("items", "{}"), ("options", "a=1")])
+def test_a_bad_pipeline_parameter_names_itself(name, value):
+    given = {"flag": "true", "count": "3", "rate": "0.5", "name": "x", "items": "[]", "options": "{}", name: value}
+    with pytest.raises(SSPOError, match=f"^invalid pipeline parameter: {name}="):
+        convert_parameters(every_parameter_type, given)
 
 
 @pytest.mark.parametrize("argv", [
@@ -151,12 +181,13 @@ def test_submit_to_unreachable_endpoint_exits_2_without_traceback(tmp_path):
     assert f"sspo pipeline: error: cannot reach Kubeflow Pipelines at {host}" in result.stderr
 
 
-def evaluation(trained: float, rate: float) -> dict:
-    """Metrics in the layout `sspo evaluate` writes."""
-    return {"scorers": ["oracle", "clipscore"],
-            "models": {"base": {"heldout": {"oracle": {"mean": 0.4}}},
-                       "trained": {"heldout": {"oracle": {"mean": trained}}}},
-            "win_rate": {"oracle": {"heldout": {"rate": rate}}}}
+def evaluation(trained: float, rate: float) -> Evaluation:
+    """Results as `sspo evaluate` records them, with the primary scorer's numbers that the promotion reads."""
+    results = Evaluation.new({}, ["oracle", "clipscore"], ["heldout"], ["base", "trained"])
+    for model, mean in (("base", 0.4), ("trained", trained)):
+        results.add_scores(model, "heldout", {"oracle": {"mean": mean, "n": 10}, "clipscore": {"mean": 20.0, "n": 10}})
+    results.add_win_rate("oracle", "heldout", WinRate(rate, rate - 0.1, rate + 0.1, n=10, wins=0, ties=0, losses=0))
+    return results
 
 
 @pytest.mark.parametrize("candidate, production, promote", [

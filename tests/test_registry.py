@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from s3server import BUCKET
 
 from sspo import config, registry, storage
-from sspo.cli import main, run_train
+from sspo.cli import main
 from sspo.errors import SSPOError
-from sspo.checkpoints import resolve_checkpoint
+from sspo.run_store import resolve_checkpoint
+from sspo.stages import run_train
 
 
 @pytest.fixture

@@ -14,12 +14,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from sspo.config import read_yaml_mapping
+from sspo.config import coerce, read_yaml_mapping
 from sspo.errors import SSPOError
 
 DEFAULT_PACKAGE = "pipelines/sspo_pipeline.yaml"
 DEFAULT_EXPERIMENT = "sspo"
 DEFAULT_SERVICE_ACCOUNT = "sspo-pipeline"
+# The Python type of each KFP parameter type (pipeline_spec's ParameterType), for config.coerce.
+PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list,
+                   "STRUCT": dict}
 
 
 def add_commands(subparsers) -> None:
@@ -100,7 +103,7 @@ def _pipeline_module():
 
 def pipeline_parameters(args, required: bool = True) -> dict:
     """--params-file then --param values, checked against the pipeline's parameters and converted to their types."""
-    spec = _pipeline_module().sspo_pipeline.component_spec.inputs
+    component = _pipeline_module().sspo_pipeline
     given: dict = {}
     if args.params_file:
         given.update(read_yaml_mapping(args.params_file))
@@ -109,33 +112,25 @@ def pipeline_parameters(args, required: bool = True) -> dict:
         if not sep or not name:
             raise SSPOError(f"--param takes NAME=VALUE, got {item!r}")
         given[name.strip()] = value
+    return convert_parameters(component, given, required)
+
+
+def convert_parameters(component, given: dict, required: bool = True) -> dict:
+    """`given` checked against the parameters of the KFP pipeline `component` and converted to their types the way
+    config values are (config.coerce)."""
+    from kfp.pipeline_spec.pipeline_spec_pb2 import ParameterType
+
+    spec = component.component_spec.inputs
+    kinds = {name: PARAMETER_TYPES[ParameterType.ParameterTypeEnum.Name(parameter.parameter_type)]
+             for name, parameter in component.pipeline_spec.root.input_definitions.parameters.items()}
     unknown = sorted(set(given) - set(spec))
     if unknown:
         raise SSPOError(f"unknown pipeline parameter(s): {', '.join(unknown)} (known: {', '.join(spec)})")
-    values = {name: _convert(name, spec[name].type, value) for name, value in given.items()}
+    values = {name: coerce(name, kinds[name], value, what="pipeline parameter") for name, value in given.items()}
     missing = [name for name, item in spec.items() if required and not item.optional and name not in values]
     if missing:
         raise SSPOError(f"missing required pipeline parameter(s): {', '.join(missing)} (pass --param NAME=VALUE)")
     return values
-
-
-def _convert(name: str, kind: str, value):
-    try:
-        if kind == "Boolean":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return str(value).lower() in ("true", "1")
-        if kind == "Integer":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "Float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise SSPOError(f"pipeline parameter {name}={value!r} is not a valid {kind.lower()}") from None
 
 
 def check_cron(expression: str) -> str:

@@ -14,7 +14,7 @@ from sspo.errors import SSPOError
 
 
 def _ensure(url: str, build) -> str:
-    if not storage.exists(storage.join(url, storage.MANIFEST)):
+    if not storage.is_published(url):
         build()
     return url
 
@@ -23,7 +23,7 @@ def run_local(workdir: Path, arguments: dict, *, registry: str | None = None, mo
               data: str | None = None, world_samples: int = 4, bootstrap_steps: int = 30) -> dict:
     from kfp import local
 
-    from sspo.cli import run_bootstrap, run_world
+    from sspo.stages import run_bootstrap, run_world
     from sspo.pipelines.pipeline import sspo_pipeline
 
     workdir = workdir.resolve()

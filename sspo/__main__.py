@@ -1,0 +1,7 @@
+"""`python -m sspo`: the `sspo` command."""
+
+import sys
+
+from sspo.cli import main
+
+sys.exit(main())
