@@ -123,6 +123,18 @@ class RunStore:
     def checkpoint_url(self, step: int) -> str:
         return storage.join(self.url, CHECKPOINTS, checkpoint_name(step))
 
+    @staticmethod
+    def pool_entry(step: int) -> str:
+        """How the replay pool records this run's own checkpoint: relative to the run, so a moved or copied run
+        replays its own checkpoints (entries from elsewhere are recorded as absolute URLs)."""
+        return f"{CHECKPOINTS}/{checkpoint_name(step)}"
+
+    def entry_url(self, entry: str) -> str:
+        """The checkpoint URL of a replay pool entry."""
+        if "://" in entry or Path(entry).is_absolute():
+            return entry
+        return storage.join(self.url, entry)
+
     def latest_checkpoint(self) -> str | None:
         return latest_checkpoint(self.url)
 

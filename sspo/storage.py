@@ -74,6 +74,16 @@ def parent(url: str) -> str:
     return base.rstrip("/").rsplit("/", 1)[0] + separator + query
 
 
+def absolute(url: str) -> str:
+    """`url` independent of the current folder: local paths (and a dvc:// URL's local repository) made absolute."""
+    if is_dvc(url):
+        path, repo, rev = parse_dvc_url(url)
+        return dvc_url(path, repo, rev or "")
+    if is_local(url):
+        return str(local_path(url).absolute())
+    return str(url)
+
+
 def dvc_url(path: str, repo: str = "", rev: str = "") -> str:
     query = "&".join(f"{key}={value}" for key, value in (("repo", repo), ("rev", rev)) if value)
     return f"{DVC_SCHEME}{path.strip('/')}" + (f"?{query}" if query else "")
@@ -295,34 +305,41 @@ def fetch_dir(url: str) -> Path:
             key = dvc_url(path, repo, dvc_filesystem(repo, rev).repo.get_rev())  # a branch is pinned to its commit
     dest = cache_root() / "fetched" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if cacheable and (dest / MANIFEST).exists():
-        return dest
+        try:
+            verify_dir(dest)  # the cache may have been damaged since it was filled
+            return dest
+        except SSPOError as err:
+            log.warning("%s; downloading %s again", err, url)
     return download_dir(url, dest)
 
 
 def fetch_file(folder_url: str, name: str) -> Path:
     """A local copy of one file of a published folder, checked against the folder's manifest on every call, so a
-    file damaged after publishing (or in the cache) is refused instead of used. Only that file is downloaded."""
+    file damaged after publishing is refused instead of used (a damaged cached copy is downloaded again). Only that
+    file is downloaded."""
     manifest = read_json(join(folder_url, MANIFEST))
     entry = manifest.get("files", {}).get(name) if isinstance(manifest, dict) else None
     if entry is None:
         raise SSPOError(f"{folder_url}: {name} is not listed in its {MANIFEST}")
+    url = join(folder_url, name)
     if is_local(folder_url):
         path = local_path(folder_url) / name
+        if not path.exists():
+            raise SSPOError(f"{folder_url}: {name} is listed in its {MANIFEST} but missing")
     else:
         path = cache_root() / "files" / entry["sha256"]
-        if not path.exists():
-            fs, remote = filesystem(join(folder_url, name))
-            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                retry(lambda: fs.get_file(remote, str(partial)), f"downloading {join(folder_url, name)}")
-                partial.rename(path)
-            finally:
-                partial.unlink(missing_ok=True)
-    if not path.exists():
-        raise SSPOError(f"{folder_url}: {name} is listed in its {MANIFEST} but missing")
+        if path.exists() and sha256_file(path) == entry["sha256"]:
+            return path
+        fs, remote = filesystem(url)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            retry(lambda: fs.get_file(remote, str(partial)), f"downloading {url}")
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
     if sha256_file(path) != entry["sha256"]:
-        raise SSPOError(f"{join(folder_url, name)} does not match its sha256 in the manifest (corrupt or tampered)")
+        raise SSPOError(f"{url} does not match its sha256 in the manifest (corrupt or tampered)")
     return path
 
 

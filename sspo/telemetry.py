@@ -14,7 +14,8 @@ import math
 import os
 import urllib.error
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, pushadd_to_gateway,
+                               start_http_server)
 
 from sspo.evaluate.results import Evaluation
 
@@ -110,19 +111,27 @@ def serve_training(port: int):
 
 
 def push_stage(stage: str, gateway: str = "") -> bool:
-    """Push the stage's metrics and its last-success time to the Pushgateway (`gateway`, else $SSPO_PUSHGATEWAY).
+    """Push the stage's metrics and its last-success time to the Pushgateway (`gateway`, else $SSPO_PUSHGATEWAY),
+    replacing the group's metrics."""
+    success = CollectorRegistry()
+    Gauge(LAST_SUCCESS, "Unix time the stage last finished successfully", registry=success).set_to_current_time()
+    return _push(push_to_gateway, stage, gateway, _Union(registry(stage), success))
 
-    Monitoring must never fail the work it watches: an unreachable gateway is logged, not raised.
-    """
+
+def push_failure(stage: str, gateway: str = "") -> bool:
+    """Push the metrics of a stage that is failing (e.g. a NaN loss, for the alert) without a last-success time:
+    added to the group, so the last success pushed before stays as it was."""
+    return _push(pushadd_to_gateway, stage, gateway, registry(stage))
+
+
+def _push(send, stage: str, gateway: str, pushed) -> bool:
+    """Monitoring must never fail the work it watches: an unreachable gateway is logged, not raised."""
     gateway = gateway or os.environ.get(PUSHGATEWAY_ENV, "")
     if not gateway or int(os.environ.get("RANK", "0")) != 0:
         return False
-    success = CollectorRegistry()
-    Gauge(LAST_SUCCESS, "Unix time the stage last finished successfully", registry=success).set_to_current_time()
-    pushed = _Union(registry(stage), success)
     grouping = {"stage": stage, "pipeline": os.environ.get(PIPELINE_ENV, "default")}
     try:
-        push_to_gateway(gateway, job=JOB, registry=pushed, grouping_key=grouping, timeout=10)
+        send(gateway, job=JOB, registry=pushed, grouping_key=grouping, timeout=10)
     except (OSError, urllib.error.URLError) as err:
         log.warning("could not push %s metrics to %s: %s", stage, gateway, err)
         return False

@@ -84,3 +84,55 @@ def test_imports_inside_sspo_have_no_cycle():
     assert graph["sspo.stages"] >= {"sspo.config", "sspo.storage", "sspo.train.trainer"}  # the graph sees both forms
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Loaders that unpickle: a checkpoint or reward model loaded through one could run code.
+UNPICKLING_MODULES = {"pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}
+JSON_ONLY_LOADERS = ("Tokenizer", "Processor", "Scheduler")  # their from_pretrained reads JSON and text files
+
+
+def keyword(call: ast.Call, name: str):
+    return next((kw.value for kw in call.keywords if kw.arg == name), None)
+
+
+def is_true(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is True
+
+
+def pickle_risks(path: Path) -> list[str]:
+    risks = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            risks += [f"{where} imports {n}" for n in names if n.split(".")[0] in UNPICKLING_MODULES]
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = ast.unparse(node.func.value)
+        method = node.func.attr
+        if method == "load" and owner == "torch" and not is_true(keyword(node, "weights_only")):
+            risks.append(f"{where} torch.load without weights_only=True")
+        if method == "load" and owner in ("np", "numpy") and is_true(keyword(node, "allow_pickle")):
+            risks.append(f"{where} numpy.load with allow_pickle=True")
+        if method == "read_pickle":
+            risks.append(f"{where} {owner}.read_pickle")
+        if (method == "from_pretrained" and not owner.endswith(JSON_ONLY_LOADERS)
+                and not is_true(keyword(node, "use_safetensors"))):
+            risks.append(f"{where} {owner}.from_pretrained without use_safetensors=True")
+    return risks
+
+
+def test_no_pickle_is_loaded_anywhere_in_the_package():
+    risks = [risk for path in sorted(PACKAGE.rglob("*.py")) for risk in pickle_risks(path)]
+    assert not risks, "\n".join(risks)
+
+
+def test_the_pickle_scan_finds_each_kind_of_load(tmp_path):
+    risky = tmp_path / "probe.py"
+    lines = ["import pickle", "torch.load(f)", "np.load(f, allow_pickle=True)", "pd.read_pickle(f)",
+             "UNet.from_pretrained(d)", "torch.load(f, weights_only=True)", "AutoTokenizer.from_pretrained(d)",
+             "UNet.from_pretrained(d, use_safetensors=True)"]
+    risky.write_text("\n".join(lines) + "\n")
+    assert [risk.removeprefix(f"{risky}:") for risk in pickle_risks(risky)] == [
+        "1 imports pickle", "2 torch.load without weights_only=True", "3 numpy.load with allow_pickle=True",
+        "4 pd.read_pickle", "5 UNet.from_pretrained without use_safetensors=True"]

@@ -11,7 +11,9 @@ would have done.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
 import os
 import time
 
@@ -66,8 +68,29 @@ def replay_entries(cfg: TrainConfig) -> list[str]:
         found = describe(info.get("kind"), info.get("lora_rank", 0), info.get("lora_alpha", 0))
         if found != wanted:
             raise SSPOError(f"replay_from entry {url} holds {found}, but this run needs {wanted}")
-        entries.append(checkpoint)
+        entries.append(storage.absolute(checkpoint))
     return entries
+
+
+# Settings a resumed run may change: how long it runs, how often it saves, memory and telemetry. Any other change
+# would make the run something else than what its checkpoints and lineage say.
+RESUMABLE_SETTINGS = {"output", "steps", "save_every", "replay_cache_size", "gradient_checkpointing", "metrics_port",
+                      "pushgateway"}
+
+
+def recorded_settings(cfg: TrainConfig) -> dict:
+    """The train config as a checkpoint records it, with URLs independent of the current folder."""
+    settings = json.loads(to_json(cfg))
+    settings["model"], settings["data"] = storage.absolute(cfg.model), storage.absolute(cfg.data)
+    settings["replay_from"] = [storage.absolute(url) for url in cfg.replay_from]
+    return settings
+
+
+def changed_settings(recorded: dict, cfg: TrainConfig) -> list[str]:
+    """'name recorded → now' for every setting a resume may not change."""
+    now = recorded_settings(cfg)
+    return [f"{name} {recorded.get(name)!r} → {value!r}" for name, value in now.items()
+            if name not in RESUMABLE_SETTINGS and recorded.get(name) != value]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -135,7 +158,7 @@ class Trainer:
         manifest; nothing else of the checkpoint is fetched)."""
         if entry == BASE:
             return load_safetensors(base_unet_weights(self.parts.path))
-        return load_safetensors(storage.fetch_file(entry, CHECKPOINT_WEIGHTS))
+        return load_safetensors(storage.fetch_file(self.store.entry_url(entry), CHECKPOINT_WEIGHTS))
 
     def resume(self, unet, optimizer) -> tuple[int, list[str]]:
         """(step, replay pool) of the latest completely published checkpoint, its weights and optimizer state
@@ -145,9 +168,14 @@ class Trainer:
             return 0, [BASE, *replay_entries(self.cfg)]
         with checkpoint_files(latest) as directory:
             state, optimizer_state = read_training_state(directory)
-            if state["kind"] != weights_kind(self.cfg):
-                raise SSPOError(f"{self.cfg.output} holds a {state['kind']} run; use a new output or the same "
-                                "lora_rank")
+            if "config" not in state:
+                raise SSPOError(f"{latest} does not record the settings it was trained with (an older sspo wrote it); "
+                                "train into a new output")
+            changed = changed_settings(state["config"], self.cfg)
+            if changed:
+                raise SSPOError(f"cannot resume {self.cfg.output} with other settings: {', '.join(changed)}; a "
+                                f"resume may change only {', '.join(sorted(RESUMABLE_SETTINGS - {'output'}))} "
+                                "(train into a new output instead)")
             weights = load_safetensors(directory / CHECKPOINT_WEIGHTS)
         if self.cfg.lora_rank:
             set_peft_model_state_dict(unet, weights, adapter_name="default")
@@ -206,19 +234,24 @@ class Trainer:
         return loss, {**stats, "ref_index": index}
 
     def save(self, step: int) -> None:
-        """Publish a checkpoint of `step`; every `save_every` steps it also joins the replay pool."""
+        """Publish a checkpoint of `step`; every `save_every` steps it also joins the replay pool. Weights that are
+        not finite are never published."""
         cfg = self.cfg
-        pool_after = [*self.pool, self.store.checkpoint_url(step)] if step % cfg.save_every == 0 else self.pool
+        pool_after = [*self.pool, self.store.pool_entry(step)] if step % cfg.save_every == 0 else self.pool
+        model = self.accelerator.unwrap_model(self.unet)
+        weights = get_peft_model_state_dict(model, adapter_name="default") if cfg.lora_rank else model.state_dict()
+        broken = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            self.stop_not_finite(f"after step {step} the weight {broken} holds NaN or inf values")
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.unet)
-            weights = get_peft_model_state_dict(model, adapter_name="default") if cfg.lora_rank else model.state_dict()
+            settings = recorded_settings(cfg)
             info = {
                 "kind": weights_kind(cfg),
                 "lora_rank": cfg.lora_rank,
                 "lora_alpha": cfg.lora_alpha or cfg.lora_rank,
                 "step": step,
-                "base_model": cfg.model,
-                "data": cfg.data,
+                "base_model": settings["model"],
+                "data": settings["data"],
                 "objective": cfg.objective,
             }
             state = {
@@ -227,12 +260,27 @@ class Trainer:
                 "pool": pool_after,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "seed": cfg.seed,
+                "config": settings,
             }
             write_checkpoint(self.store.checkpoint_staging(step), weights, info, self.optimizer.state_dict(), state)
             with telemetry.checkpoint_publish_seconds.time():
                 self.store.publish_checkpoint(step)
         self.accelerator.wait_for_everyone()
         self.pool = pool_after
+
+    def loss_is_finite_everywhere(self, loss: float) -> bool:
+        """Whether every process's loss is finite (all processes must stop together, or the others would wait)."""
+        finite = torch.tensor([float(math.isfinite(loss))], device=self.device)
+        return bool(self.accelerator.gather(finite).min() > 0)
+
+    def stop_not_finite(self, what: str) -> None:
+        """Stop a run whose loss or weights became NaN/inf: push the step's metrics (the NaN-loss alert reads
+        them), name the last good checkpoint and end in one line."""
+        if self.is_main:
+            telemetry.push_failure("train", self.cfg.pushgateway)
+        latest = self.store.latest_checkpoint()
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was published"
+        raise SSPOError(f"training stopped: {what}; {kept} (lower the learning rate or check the data)")
 
     def run(self) -> dict:
         cfg, accelerator = self.cfg, self.accelerator
@@ -258,6 +306,8 @@ class Trainer:
             if self.is_main:
                 self.store.append_log(last_stats)
                 telemetry.record_step(last_stats, cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size)
+            if not self.loss_is_finite_everywhere(last_stats["loss"]):
+                self.stop_not_finite(f"step {self.step} has a loss of {last_stats['loss']}")
             progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save(self.step)
