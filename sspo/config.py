@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,21 @@ class BootstrapConfig:
     caption_noise_color: float = field(default=0.6, metadata={"help": "fraction of colours shifted to the next"})
     caption_noise_shape: float = 0.0
     caption_noise_position: float = field(default=0.6, metadata={"help": "fraction of positions shifted"})
+    prediction_type: str = field(default="epsilon", metadata={
+        "help": "what the UNet predicts: epsilon (SD 1.x, SD 2.x base) or v_prediction (SD 2.x 768)"})
 
     def validate(self):
         for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size"):
             _require(getattr(self, name) > 0, f"{name} must be positive")
         for name in ("caption_noise_color", "caption_noise_shape", "caption_noise_position", "uncond_prob"):
             _require(0.0 <= getattr(self, name) <= 1.0, f"{name} must be between 0 and 1")
+        from sspo.models import PREDICTION_TYPES  # imports torch: only when a bootstrap config is checked
+
+        _require(self.prediction_type in PREDICTION_TYPES,
+                 f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
+        for name in ("vae_lr", "unet_lr"):
+            _require(getattr(self, name) > 0, f"{name} must be positive")
+        _require(self.vae_kl_weight >= 0, "vae_kl_weight must be 0 or positive")
 
 
 @dataclass
@@ -68,12 +78,17 @@ class PrepareConfig:
     keep_pairs: bool = field(default=False, metadata={"help": "keep the losing image too (for objective=dpo)"})
     on_error: str = field(default="skip", metadata={"help": "skip (count and report) or fail on a bad sample"})
     limit: int = field(default=0, metadata={"help": "stop after this many samples (0 = all)"})
+    # 64 MP holds any camera or generated image in common use (61 MP full-frame sensors, 1024² Pick-a-Pic) and
+    # bounds the decode of a small file with a lying header to about 256 MB (RGBA), below PIL's own 89 MP warning.
+    max_pixels: int = field(default=64_000_000, metadata={
+        "help": "refuse (as a bad sample) an image whose header claims more pixels, before decoding it"})
 
     def validate(self):
         _require(self.format in ("auto", "folder", "jsonl", "parquet"), "format must be auto, folder, jsonl or parquet")
         _require(self.on_error in ("skip", "fail"), "on_error must be skip or fail")
         _require(self.resolution >= 8, "resolution must be at least 8")
         _require(self.limit >= 0, "limit must be 0 (all) or positive")
+        _require(self.max_pixels > 0, "max_pixels must be positive")
 
 
 @dataclass
@@ -121,6 +136,11 @@ class TrainConfig:
         _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
         _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         _require(self.beta > 0, "beta must be positive")
+        # Comparisons with NaN are false: each float knob has a rule that a NaN breaks.
+        for name in ("adam_weight_decay", "lora_alpha"):
+            _require(getattr(self, name) >= 0, f"{name} must be 0 or positive")
+        _require(self.max_grad_norm > 0, "max_grad_norm must be positive (inf turns clipping off)")
+        _require(not math.isnan(self.guidance), "guidance must be a number, not NaN")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "save_every", "sample_steps"):
             _require(getattr(self, name) > 0, f"{name} must be positive")
         _require(self.replay_cache_size >= 2, "replay_cache_size must be at least 2 (current + prefetched)")
@@ -158,6 +178,7 @@ class EvaluateConfig:
     def validate(self):
         _require(len(self.seeds) > 0, "seeds must list at least one seed")
         _require(self.sample_steps > 0, "sample_steps must be positive")
+        _require(not math.isnan(self.guidance), "guidance must be a number, not NaN")
         _require(len(self.prompts) > 0, "prompts must name at least one prompt set")
         _require(len(self.scorers) > 0, "scorers must name at least one scorer")
         _require(self.bootstrap_samples > 0, "bootstrap_samples must be positive")
@@ -265,12 +286,23 @@ def coerce(name: str, kind, value, what: str = "config"):
                 raise ValueError(value)
             return loaded
         if typing.get_origin(kind) is dict:
+            if not isinstance(value, (dict, str)):
+                raise ValueError(value)
             items = value if isinstance(value, dict) else dict(
-                item.split("=", 1) for item in str(value).split(",") if item.strip())
-            return {str(k).strip(): str(v).strip() for k, v in items.items()}
+                item.split("=", 1) for item in value.split(",") if item.strip())
+            return {str(k).strip(): coerce(name, str, v, what).strip() for k, v in items.items()}
         if typing.get_origin(kind) is list:
-            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
-            return [typing.get_args(kind)[0](item) for item in items]
+            # comma-separated text, a YAML list, or one YAML value (`seeds: 3`); each item is checked as a value
+            if isinstance(value, dict):
+                raise ValueError(value)
+            if isinstance(value, str):
+                items = [v for v in value.split(",") if v.strip()]
+            else:
+                items = value if isinstance(value, list) else [value]
+            return [coerce(name, typing.get_args(kind)[0], item, what) for item in items]
+        # int() and str() take these too, as 1 or 0 and as their repr: never what was meant
+        if value is None or isinstance(value, (bool, dict, list)):
+            raise ValueError(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return kind(value)

@@ -60,6 +60,44 @@ def test_params_file_then_flags(tmp_path):
         config.load("train", str(params), {})
 
 
+@pytest.mark.parametrize("stage, section, message", [
+    ("train", {"steps": True}, "steps=True is not a valid int"),  # a bool is no int, though Python says it is
+    ("train", {"learning_rate": False}, "learning_rate=False is not a valid float"),
+    ("train", {"objective": {"name": "sspo"}}, "objective={'name': 'sspo'} is not a valid str"),
+    ("train", {"output": ["runs/a"]}, "output=['runs/a'] is not a valid str"),
+    ("train", {"output": None}, "output=None is not a valid str"),
+    ("evaluate", {"seeds": [0, True]}, "seeds=True is not a valid int"),
+    ("evaluate", {"prompts": {"toy": "train"}}, "prompts={'toy': 'train'} is not a valid list"),
+    ("evaluate", {"scorer_paths": ["pickscore=s3://m"]}, "scorer_paths=['pickscore=s3://m'] is not a valid dict"),
+    ("evaluate", {"scorer_paths": {"pickscore": {"url": "s3://m"}}},
+     "scorer_paths={'url': 's3://m'} is not a valid str"),
+])
+def test_a_params_file_value_of_the_wrong_kind_is_one_error_naming_its_field(tmp_path, stage, section, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({stage: section}))
+    with pytest.raises(SSPOError) as raised:
+        config.load(stage, str(params), {})
+    assert str(raised.value) == f"invalid config: {message}"
+
+
+def test_params_file_lists_take_one_value_or_comma_separated_text(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"seeds": 3, "prompts": "toy:train,toy:heldout",
+                                                   "scorer_paths": {"pickscore": "s3://m "}}}))
+    cfg = config.load("evaluate", str(params), {})
+    assert (cfg.seeds, cfg.prompts, cfg.scorer_paths) == ([3], ["toy:train", "toy:heldout"], {"pickscore": "s3://m"})
+
+
+FLOAT_KNOBS = [(stage, name) for stage, cls in config.STAGES.items()
+               for name, kind in config.field_types(cls).items() if kind is float]
+
+
+@pytest.mark.parametrize("stage, name", FLOAT_KNOBS)
+def test_every_float_knob_refuses_nan(stage, name):
+    with pytest.raises(SSPOError, match=f"^invalid config: {name} "):
+        config.load(stage, None, {name: "nan"})
+
+
 def test_outputs_are_never_overwritten(tmp_path):
     assert sspo("world", "--output", str(tmp_path / "w"), "--samples-per-scene", "1").returncode == 0
     before = (tmp_path / "w" / "manifest.json").read_text()

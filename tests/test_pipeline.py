@@ -4,6 +4,8 @@ import json
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,11 @@ from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from sspo import cli, registry
-from sspo.config import coerce
+from sspo.config import STAGES, coerce, field_types
 from sspo.errors import SSPOError
 from sspo.evaluate.results import Evaluation, WinRate
 from sspo.pipelines import IMAGE, pipeline, shell
-from sspo.pipelines.cli import convert_parameters
+from sspo.pipelines.cli import check_cron, convert_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "pipelines" / "sspo_pipeline.yaml"
@@ -131,6 +133,184 @@ def test_bad_parameters_fail_before_any_connection(argv, message, capsys):
     assert cli.main(["pipeline", *argv, "--host", host]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def kfp_endpoint():
+    """A loopback HTTP server standing in for the KFP API: it records every request and answers 404, except for
+    the health check (kfp.Client retries that one for 25 s)."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append(f"{self.command} {self.path}")
+            body = b'{"multi_user": false}' if self.path.endswith("/healthz") else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", received
+    server.shutdown()
+    server.server_close()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sspo pipeline: error: "), err
+    return lines[0]
+
+
+def test_a_valid_submit_reaches_the_endpoint(kfp_endpoint, capsys):
+    """The control for the tests below: a submit that passes every check does send requests."""
+    host, received = kfp_endpoint
+    argv = ["pipeline", "submit", "--host", host, *REQUIRED, "--param", "steps=3", "--param", "eval_seeds=0,1",
+            "--param", "eval_prompts=toy:heldout", "--param", "min_improvement=-0.1"]
+    assert cli.main(argv) == 2
+    assert received
+    assert f"Kubeflow Pipelines at {host} answered 404" in one_error_line(capsys)
+
+
+# The value as given, and what the one error line says about it: the pipeline parameter, never the config field.
+BAD_VALUES = [
+    ("steps", "-5", "steps=-5: steps must be positive"),
+    ("learning_rate", "nan", "learning_rate=nan: learning_rate must be positive"),
+    ("objective", "bogus", "objective='bogus': objective must be one of sspo, dpo, spin, sft"),
+    ("beta", "-1", "beta=-1.0: beta must be positive"),
+    ("data_format", "tar", "data_format='tar': data_format must be auto, folder, jsonl or parquet"),
+    ("data_limit", "-1", "data_limit=-1: data_limit must be 0 (all) or positive"),
+    ("registry_url", "", "registry_url='': registry_url must be a URL"),
+    ("eval_seeds", "", "eval_seeds='': eval_seeds must list at least one seed"),
+    ("eval_seeds", "0,x", "eval_seeds='x' is not a valid int"),
+    ("eval_sample_steps", "0", "eval_sample_steps=0: eval_sample_steps must be positive"),
+    ("eval_guidance", "nan", "eval_guidance=nan: eval_guidance must be a number, not NaN"),
+    ("model_name", "my model", "model_name='my model': model_name must use letters, digits"),
+    ("min_win_rate", "nan", "min_win_rate=nan: min_win_rate must be between 0 and 1"),
+    ("min_improvement", "nan", "min_improvement=nan: min_improvement must be a number, not NaN"),
+    ("eval_prompts", "toy:train", "promotion_split='heldout': promotion_split must be one of the prompt sets of "
+                                  "eval_prompts (train)"),
+]
+# A YAML value of the wrong kind in a --params-file: a bool is no int, a mapping or list no str or number.
+BAD_FILE_VALUES = [
+    ("steps", True, "steps=True is not a valid int"),
+    ("learning_rate", False, "learning_rate=False is not a valid float"),
+    ("objective", {"name": "sspo"}, "objective={'name': 'sspo'} is not a valid str"),
+    ("beta", [400], "beta=[400] is not a valid float"),
+]
+
+
+def pipeline_command(command: str, host: str, tmp_path: Path) -> list[str]:
+    return {"submit": ["submit", "--host", host, *REQUIRED],
+            "schedule": ["schedule", "create", "--host", host, *REQUIRED, "--name", "nightly",
+                         "--cron", "0 0 3 * * *"],
+            "run-local": ["run-local", "--workdir", str(tmp_path / "work")]}[command]
+
+
+def assert_nothing_sent_or_run(received: list, tmp_path: Path) -> None:
+    assert received == []
+    assert not (tmp_path / "work").exists()  # run-local made no toy world, model or kfp.local run
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule", "run-local"])
+@pytest.mark.parametrize("name, value, message", BAD_VALUES)
+def test_a_value_the_stage_rules_reject_stops_before_anything_is_sent(command, name, value, message, kfp_endpoint,
+                                                                      tmp_path, capsys):
+    host, received = kfp_endpoint
+    argv = ["pipeline", *pipeline_command(command, host, tmp_path), "--param", f"{name}={value}"]
+    assert cli.main(argv) == 2
+    assert one_error_line(capsys).startswith(f"sspo pipeline: error: invalid pipeline parameter: {message}")
+    assert_nothing_sent_or_run(received, tmp_path)
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule", "run-local"])
+@pytest.mark.parametrize("name, value, message", BAD_FILE_VALUES)
+def test_a_params_file_value_of_the_wrong_kind_stops_before_anything_is_sent(command, name, value, message,
+                                                                             kfp_endpoint, tmp_path, capsys):
+    host, received = kfp_endpoint
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump({name: value}))
+    argv = ["pipeline", *pipeline_command(command, host, tmp_path), "--params-file", str(params)]
+    assert cli.main(argv) == 2
+    assert one_error_line(capsys) == f"sspo pipeline: error: invalid pipeline parameter: {message}"
+    assert_nothing_sent_or_run(received, tmp_path)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers
+def test_a_bad_parameter_is_all_a_real_process_writes_to_stderr(kfp_endpoint, tmp_path):
+    host, received = kfp_endpoint
+    params = tmp_path / "run.yaml"
+    params.write_text("steps: true\n")
+    result = subprocess.run([sys.executable, "-m", "sspo", "pipeline", "submit", "--host", host, *REQUIRED,
+                             "--params-file", str(params)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "sspo pipeline: error: invalid pipeline parameter: steps=True is not a valid int\n"
+    assert received == []
+
+
+@pytest.mark.parametrize("cron, message", [
+    ("a b c d e f", "second 'a' is not valid; use 0-59"),
+    ("0 60 * * * *", "minute '60' is not valid; use 0-59"),
+    ("0 0 3 * * 7", "day of week '7' is not valid; use 0-6 or SUN-SAT"),
+    ("0 0 3 1-31/0 * *", "day of month '1-31/0' is not valid"),
+    ("0 0 3 * * * *", "has 7 fields"),
+])
+def test_an_invalid_cron_stops_before_anything_is_sent(cron, message, kfp_endpoint, capsys):
+    host, received = kfp_endpoint
+    argv = ["pipeline", "schedule", "create", "--host", host, *REQUIRED, "--name", "nightly", "--cron", cron]
+    assert cli.main(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"sspo pipeline: error: cron {cron!r}") and message in line
+    assert received == []
+
+
+@pytest.mark.parametrize("cron", ["0 0 3 * * *", "0 0/10 * * * ?", "*/15 0-30/5 1,2,23 ? JAN-mar mon-FRI",
+                                  "59 59 23 31 12 6", "0  0 3 * *  sun"])
+def test_robfig_cron_specs_are_accepted(cron):
+    assert check_cron(cron) == " ".join(cron.split())
+
+
+@pytest.mark.parametrize("cron", ["60 * * * * *", "* * 24 * * *", "* * * 0 * *", "* * * * 13 *", "* * * * jun-jan *",
+                                  "* * * * * 7", "* * * * * sunday", "*/0 * * * * *", "5-1 * * * * *",
+                                  "1,,2 * * * * *", "1-2-3 * * * * *", "1/2/3 * * * * *", "*/x * * * * *",
+                                  "-1 * * * * *", "L * * * * *", "@daily"])
+def test_invalid_cron_specs_are_refused(cron):
+    with pytest.raises(SSPOError, match="^cron "):
+        check_cron(cron)
+
+
+# Pipeline parameters that no stage config holds; sspo.pipelines.cli has their rules.
+PIPELINE_ONLY = {"promotion_split", "min_win_rate", "min_improvement"}
+
+
+def test_every_parameter_maps_to_stage_config_fields_or_has_its_own_rules():
+    mapped = {parameter for fields in pipeline.STAGE_FIELDS.values() for parameter in fields}
+    assert mapped | PIPELINE_ONLY == set(pipeline.sspo_pipeline.component_spec.inputs)
+    assert not mapped & PIPELINE_ONLY
+    assert set(pipeline.STAGE_FIELDS) == set(pipeline.ARTIFACT_FIELDS)
+    for stage, fields in pipeline.STAGE_FIELDS.items():
+        names = set(field_types(STAGES[stage]))
+        assert set(fields.values()) | set(pipeline.ARTIFACT_FIELDS[stage]) <= names, stage
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_a_parameter_defaults_to_its_stage_config_field(stage):
+    """A check that the mapping is the right one: each optional parameter's default is its field's default."""
+    cls = STAGES[stage]
+    types, defaults = field_types(cls), cls()
+    inputs = pipeline.sspo_pipeline.component_spec.inputs
+    for parameter, name in pipeline.STAGE_FIELDS[stage].items():
+        if inputs[parameter].optional:
+            assert coerce(parameter, types[name], inputs[parameter].default) == getattr(defaults, name), parameter
 
 
 @dsl.component(base_image=IMAGE)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
 
-from sspo.config import coerce, read_yaml_mapping
+from sspo.config import STAGES, coerce, field_types, read_yaml_mapping
 from sspo.errors import SSPOError
 
 DEFAULT_PACKAGE = "pipelines/sspo_pipeline.yaml"
@@ -23,6 +26,13 @@ DEFAULT_SERVICE_ACCOUNT = "sspo-pipeline"
 # The Python type of each KFP parameter type (pipeline_spec's ParameterType), for config.coerce.
 PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list,
                    "STRUCT": dict}
+# Stands in, while the parameters are checked, for an artifact URI that the pipeline makes at run time.
+ARTIFACT_PLACEHOLDER = "pipeline-artifact://placeholder"
+# robfig/cron, which starts Kubeflow Pipelines' recurring runs: six fields, seconds first, month and day of week
+# also by name; `?` means `*`.
+CRON_FIELDS = (("second", 0, 59, ()), ("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+               ("day of week", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
 
 
 def add_commands(subparsers) -> None:
@@ -102,8 +112,10 @@ def _pipeline_module():
 
 
 def pipeline_parameters(args, required: bool = True) -> dict:
-    """--params-file then --param values, checked against the pipeline's parameters and converted to their types."""
-    component = _pipeline_module().sspo_pipeline
+    """--params-file then --param values, checked against the pipeline's parameters, converted to their types and
+    checked with the rules of the stage configs they become."""
+    pipeline = _pipeline_module()
+    component = pipeline.sspo_pipeline
     given: dict = {}
     if args.params_file:
         given.update(read_yaml_mapping(args.params_file))
@@ -112,7 +124,11 @@ def pipeline_parameters(args, required: bool = True) -> dict:
         if not sep or not name:
             raise SSPOError(f"--param takes NAME=VALUE, got {item!r}")
         given[name.strip()] = value
-    return convert_parameters(component, given, required)
+    values = convert_parameters(component, given, required)
+    check_stage_configs(pipeline, values)
+    defaults = {name: item.default for name, item in component.component_spec.inputs.items()}
+    check_pipeline_only_parameters({**defaults, **values})
+    return values
 
 
 def convert_parameters(component, given: dict, required: bool = True) -> dict:
@@ -133,12 +149,77 @@ def convert_parameters(component, given: dict, required: bool = True) -> dict:
     return values
 
 
+def check_stage_configs(pipeline, values: dict) -> None:
+    """Each stage's config built from the given parameters (pipeline.STAGE_FIELDS), its defaults for the rest and
+    placeholders for the artifact URIs, and checked with its own validate(). The first problem names the pipeline
+    parameter, not the config field."""
+    for stage, fields in pipeline.STAGE_FIELDS.items():
+        cls = STAGES[stage]
+        types = field_types(cls)
+        stage_config = cls(**dict.fromkeys(pipeline.ARTIFACT_FIELDS[stage], ARTIFACT_PLACEHOLDER))
+        # One parameter at a time: the first rule broken is then one that this parameter breaks.
+        for parameter, name in fields.items():
+            if parameter not in values:
+                continue
+            value = coerce(parameter, types[name], values[parameter], what="pipeline parameter")
+            stage_config = dataclasses.replace(stage_config, **{name: value})
+            try:
+                stage_config.validate()
+            except SSPOError as err:
+                rule = re.sub(rf"\b{name}\b", parameter, str(err).removeprefix("invalid config: "))
+                raise SSPOError(f"invalid pipeline parameter: {parameter}={values[parameter]!r}: {rule}") from None
+
+
+def check_pipeline_only_parameters(values: dict) -> None:
+    """The parameters that only the pipeline has: the model's registry name and the promotion gate. `values` holds
+    every parameter (defaults included): the split must be one that evaluate scores."""
+    from sspo.evaluate.prompts import name_and_url
+    from sspo.registry import SAFE_NAME
+
+    def invalid(name: str, rule: str) -> SSPOError:
+        return SSPOError(f"invalid pipeline parameter: {name}={values[name]!r}: {name} {rule}")
+
+    if not SAFE_NAME.match(values["model_name"]):
+        raise invalid("model_name", "must use letters, digits, '.', '_' and '-' (not first)")
+    if not 0.0 <= values["min_win_rate"] <= 1.0:
+        raise invalid("min_win_rate", "must be between 0 and 1")
+    if math.isnan(values["min_improvement"]):
+        raise invalid("min_improvement", "must be a number, not NaN")
+    splits = [name_and_url(spec)[0] for spec in coerce("eval_prompts", list[str], values["eval_prompts"])]
+    if values["promotion_split"] not in splits:
+        raise invalid("promotion_split", f"must be one of the prompt sets of eval_prompts ({', '.join(splits)})")
+
+
 def check_cron(expression: str) -> str:
+    """The expression with single spaces, or one error naming the field that robfig/cron would reject."""
     fields = expression.split()
     if len(fields) != 6:
         raise SSPOError(f"cron {expression!r} has {len(fields)} fields; Kubeflow Pipelines needs 6, seconds first "
                         "(e.g. '0 0 3 * * *' for 03:00 every day)")
+    for text, (field, low, high, names) in zip(fields, CRON_FIELDS):
+        if not all(_valid_cron_part(part, low, high, names) for part in text.split(",")):
+            by_name = f" or {names[0].upper()}-{names[-1].upper()}" if names else ""
+            raise SSPOError(f"cron {expression!r}: {field} {text!r} is not valid; use {low}-{high}{by_name}, "
+                            "'*', ranges a-b, steps /n and lists a,b")
     return " ".join(fields)
+
+
+def _valid_cron_part(part: str, low: int, high: int, names: tuple) -> bool:
+    span, slash, step = part.partition("/")
+    if slash and not (re.fullmatch("[0-9]+", step) and int(step) > 0):
+        return False
+    if span in ("*", "?"):
+        return True
+    first, dash, last = span.partition("-")
+    start = _cron_value(first, low, names)
+    end = _cron_value(last, low, names) if dash else start
+    return start is not None and end is not None and low <= start <= end <= high
+
+
+def _cron_value(text: str, low: int, names: tuple) -> int | None:
+    if re.fullmatch("[0-9]+", text):
+        return int(text)
+    return low + names.index(text.lower()) if text.lower() in names else None
 
 
 @contextlib.contextmanager

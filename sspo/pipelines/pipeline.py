@@ -25,6 +25,23 @@ TRAIN_MEMORY = ("16Gi", "32Gi")
 _prepare, _train, _evaluate = config.PrepareConfig(), config.TrainConfig(), config.EvaluateConfig()
 PipelineOutputs = NamedTuple("Outputs", metrics=dsl.Metrics, report=dsl.Markdown, promoted=bool)
 
+# The stage config field (by stage) each pipeline parameter becomes: the components below pass it on as
+# `sspo STAGE --FIELD`. `sspo pipeline` builds these configs from the parameters and runs their validate() before
+# anything is sent or run; sspo.pipelines.cli checks the parameters no config holds (promotion_split, min_*).
+STAGE_FIELDS = {
+    "prepare": {"data_uri": "source", "data_format": "format", "resolution": "resolution", "data_limit": "limit"},
+    "train": {"model_uri": "model", "objective": "objective", "steps": "steps", "batch_size": "batch_size",
+              "learning_rate": "learning_rate", "beta": "beta", "replay": "replay", "save_every": "save_every",
+              "sample_steps": "sample_steps", "lora_rank": "lora_rank", "replay_from": "replay_from",
+              "pushgateway_url": "pushgateway"},
+    "register": {"registry_url": "registry", "model_name": "name"},
+    "evaluate": {"model_uri": "model", "eval_prompts": "prompts", "eval_scorers": "scorers", "eval_seeds": "seeds",
+                 "eval_sample_steps": "sample_steps", "eval_guidance": "guidance", "pushgateway_url": "pushgateway"},
+}
+# The fields the pipeline fills at run time with the URIs of the artifacts it makes.
+ARTIFACT_FIELDS = {"prepare": ("output",), "train": ("data", "output"),
+                   "register": ("checkpoint", "data", "metrics", "output"), "evaluate": ("checkpoint", "output")}
+
 
 def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_ENV)
