@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
-from peft.utils import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -19,6 +20,7 @@ from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -55,9 +57,20 @@ def load_components(model_url: str) -> Components:
         )
     except (OSError, ValueError, EnvironmentError) as err:
         raise SSPOError(f"cannot load the model at {model_url}: {err}") from None
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise SSPOError(f"{model_url}: its scheduler's prediction_type {prediction_type!r} is not supported "
+                        f"(use a model that predicts {' or '.join(PREDICTION_TYPES)})")
     for module in (components.vae, components.text_encoder):
         module.requires_grad_(False).eval()
     return components
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at these timesteps: the noise (epsilon) or the velocity (v_prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def base_unet_weights(path: Path) -> Path:
@@ -70,19 +83,73 @@ def lora_config(rank: int, alpha: float) -> LoraConfig:
     )
 
 
+def describe_weights(info: dict) -> str:
+    if info["kind"] == "lora":
+        return f"a LoRA adapter (rank {info['lora_rank']}, alpha {info['lora_alpha']:g})"
+    return "full UNet weights"
+
+
+def read_checkpoint_info(directory: Path, checkpoint_url: str) -> dict:
+    """The checkpoint's checkpoint.json, checked to describe weights this code can load."""
+    try:
+        info = json.loads((directory / CHECKPOINT_INFO).read_text())
+    except (OSError, ValueError) as err:
+        raise SSPOError(f"{checkpoint_url}: cannot read its {CHECKPOINT_INFO}: {err}") from None
+    kind = info.get("kind") if isinstance(info, dict) else None
+    lora_shape = (kind == "lora" and isinstance(info.get("lora_rank"), int) and info["lora_rank"] > 0
+                  and isinstance(info.get("lora_alpha"), (int, float)))
+    if not (kind == "full" or lora_shape):
+        raise SSPOError(f"{checkpoint_url}: its {CHECKPOINT_INFO} describes no weights this code can load (expected "
+                        "kind full, or kind lora with a positive lora_rank and a lora_alpha)")
+    return info
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """'' when `found` holds exactly the tensors of `expected`, shape for shape; else what differs, in brief."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = sorted(name for name in expected.keys() & found.keys() if expected[name].shape != found[name].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    if reshaped:
+        name = reshaped[0]
+        problems.append(f"{len(reshaped)} tensors of another shape (e.g. {name}: {tuple(found[name].shape)} in the "
+                        f"file, {tuple(expected[name].shape)} expected)")
+    return "; ".join(problems)
+
+
 def apply_checkpoint(unet: UNet2DConditionModel, checkpoint_url: str) -> dict:
-    """Load a trained checkpoint (full UNet or LoRA adapter) into `unet`; returns its checkpoint.json."""
+    """Load a trained checkpoint (full UNet or LoRA adapter) into `unet`; returns its checkpoint.json.
+
+    The weights are checked against what checkpoint.json says they are before loading: loading is lenient (an
+    adapter's state dict loads with strict=False, so a full UNet file given as an adapter would load nothing).
+    """
     directory = storage.fetch_dir(checkpoint_url)
     storage.verify_dir(directory)
-    info = json.loads((directory / CHECKPOINT_INFO).read_text())
-    weights = load_file(directory / CHECKPOINT_WEIGHTS)
+    info = read_checkpoint_info(directory, checkpoint_url)
+    try:
+        weights = load_file(directory / CHECKPOINT_WEIGHTS)
+    except (SafetensorError, OSError) as err:
+        raise SSPOError(f"{checkpoint_url}: {CHECKPOINT_WEIGHTS} is not a readable safetensors file: {err}") from None
     if info["kind"] == "lora":
         unet.add_adapter(lora_config(info["lora_rank"], info["lora_alpha"]), adapter_name="trained")
+        expected = get_peft_model_state_dict(unet, adapter_name="trained")
+    else:
+        expected = unet.state_dict()
+    mismatch = weights_mismatch(expected, weights)
+    if mismatch:
+        raise SSPOError(f"{checkpoint_url}: {CHECKPOINT_WEIGHTS} does not hold {describe_weights(info)} for this "
+                        f"model, as its {CHECKPOINT_INFO} says: {mismatch}")
+    if info["kind"] == "lora":
         set_peft_model_state_dict(unet, weights, adapter_name="trained")
         unet.set_adapter("trained")
     else:
         unet.load_state_dict(weights)
-    logging.getLogger(__name__).info("applied %s checkpoint at step %s from %s", info["kind"], info["step"], checkpoint_url)
+    logging.getLogger(__name__).info("applied %s checkpoint at step %s from %s", info["kind"], info.get("step"),
+                                     checkpoint_url)
     return info
 
 

@@ -11,13 +11,18 @@ Output: `shard-NNNNN.safetensors` (uint8 "winner" and, when paired, "loser", sha
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import math
+import os
 import posixpath
+import re
 import struct
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,11 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from sspo import storage
+from sspo.config import PrepareConfig
 from sspo.errors import SSPOError
+from sspo.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,17 @@ FORMAT = "sspo-shards/1"
 SOURCE_FORMATS = ("auto", "folder", "jsonl", "parquet")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JSONL_METADATA = "metadata.jsonl"
-PARQUET_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+IMAGE_BYTES = "encoded image bytes (binary)"
+# What each column must hold, as a description and the arrow types that fit it. A column of nulls only fits too:
+# its rows are counted as bad samples.
+PARQUET_TYPES = {
+    "caption": ("text", (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)),
+    "jpg_0": (IMAGE_BYTES, (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)),
+    "jpg_1": (IMAGE_BYTES, (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)),
+    "label_0": ("numbers (1 when jpg_0 is preferred, 0 when jpg_1 is, 0.5 for a tie)",
+                (pa.types.is_integer, pa.types.is_floating)),
+}
+PARQUET_COLUMNS = tuple(PARQUET_TYPES)
 # Rows per parquet read: Pick-a-Pic rows carry two encoded images, so keep batches small to bound memory.
 PARQUET_BATCH_ROWS = 64
 
@@ -52,12 +69,15 @@ REASONS = {
     "unreadable_caption": "the caption file is not UTF-8 text",
     "missing_label": "label_0 is null or NaN",
     "tie": "the pair is a tie (label_0 = 0.5)",
+    "too_large": "the image header claims more pixels than max_pixels (checked before decoding)",
 }
 # Ties are an expected part of preference data, not a defect, so on_error="fail" does not stop on them.
 NOT_ERRORS = {"tie"}
 
 # PIL reports undecodable input through many exception types, depending on the codec and where it breaks.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# Writes that fail for lack of space: a full disk, a full quota, a file size limit.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass
@@ -71,9 +91,10 @@ class RawSample:
 
 
 class Rejected(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 def prepare(
@@ -86,45 +107,49 @@ def prepare(
     on_error: str = "skip",
     limit: int | None = None,
     shard_size: int = 4096,
+    max_pixels: int = PrepareConfig.max_pixels,
 ) -> dict:
     """Validate and resize `source` into shards published at `output`; returns the manifest summary.
 
-    `limit` caps the number of valid samples written. Bad samples are skipped and counted by reason, or with
-    on_error="fail" the first one raises SSPOError.
+    `limit` caps the number of valid samples written. Images whose header claims more than `max_pixels` pixels are
+    bad samples, refused before decoding. Bad samples are skipped and counted by reason, or with on_error="fail"
+    the first one raises SSPOError.
     """
     if source_format not in SOURCE_FORMATS:
         raise SSPOError(f"unknown source format {source_format!r}; expected one of {', '.join(SOURCE_FORMATS)}")
     if on_error not in ("skip", "fail"):
         raise SSPOError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
-    if resolution < 1 or shard_size < 1 or (limit is not None and limit < 1):
-        raise SSPOError("resolution, shard_size and limit must be positive")
-    # Checked before any work so a long run never ends in a refusal; publish_dir checks again atomically.
-    if storage.is_published(output):
-        raise SSPOError(f"{output} already exists; outputs are never overwritten")
-
-    fs, root = storage.filesystem(source)
-    if not fs.exists(root):
-        raise SSPOError(f"not found: {source}")
-    fmt = detect_format(fs, root) if source_format == "auto" else source_format
-    total, samples = SOURCES[fmt](fs, root, keep_pairs)
+    if min(resolution, shard_size, max_pixels) < 1 or (limit is not None and limit < 1):
+        raise SSPOError("resolution, shard_size, max_pixels and limit must be positive")
 
     skipped: Counter[str] = Counter()
-    with tempfile.TemporaryDirectory(prefix="sspo-prepare-") as staging:
-        writer = ShardWriter(Path(staging), shard_size, keep_pairs)
-        for raw in tqdm(samples, total=total, unit="sample", desc="prepare", disable=None):
+    # Entered before any work, so an existing output (or a leftover of a failed run) is refused at once.
+    with disk_full_as_error(output), storage.staged_output(output) as (staging, extra):
+        fs, root = storage.filesystem(source)
+        if not fs.exists(root):
+            raise SSPOError(f"not found: {source}")
+        fmt = detect_format(fs, root) if source_format == "auto" else source_format
+        total, samples = SOURCES[fmt](fs, root, keep_pairs)
+
+        writer = ShardWriter(staging, shard_size, keep_pairs)
+        progress = Progress(total, "prepare")
+        for raw in samples:
             try:
-                images = load_sample(raw, resolution)
+                images = load_sample(raw, resolution, max_pixels)
             except Rejected as rejected:
                 if on_error == "fail" and rejected.reason not in NOT_ERRORS:
+                    detail = f"; {rejected.detail}" if rejected.detail else ""
                     raise SSPOError(
-                        f"bad sample {raw.name}: {rejected.reason} ({REASONS[rejected.reason]}); "
+                        f"bad sample {raw.name}: {rejected.reason} ({REASONS[rejected.reason]}{detail}); "
                         "use on_error='skip' to skip and count bad samples"
                     ) from None
                 skipped[rejected.reason] += 1
-                continue
-            writer.add(images, raw.caption.strip(), raw.split)
+            else:
+                writer.add(images, raw.caption.strip(), raw.split)
+            progress.update()
             if writer.num_samples == limit:
                 break
+        progress.close()
         shards = writer.close()
         if skipped:
             counts = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items()))
@@ -141,7 +166,7 @@ def prepare(
             "source": source,
             "source_format": fmt,
         }
-        storage.publish_dir(Path(staging), output, extra=summary)
+        extra.update(summary)
     logger.info("prepared %d samples in %d shards at %s", writer.num_samples, len(shards), output)
     return summary
 
@@ -159,7 +184,22 @@ def detect_format(fs, root: str) -> str:
     return "folder"
 
 
-def load_sample(raw: RawSample, resolution: int) -> list[np.ndarray]:
+@contextlib.contextmanager
+def disk_full_as_error(output: str):
+    """A write that fails for lack of space while `output` is staged or published ends in one line naming the
+    path that is full. staged_output has removed its staging folder by then, so nothing half-written remains."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        # Without a file name, the full disk is the one staged_output stages on: beside a local output, else $TMPDIR.
+        where = err.filename or (storage.local_path(output).parent if storage.is_local(output)
+                                 else tempfile.gettempdir())
+        raise SSPOError(f"cannot write {output}: {err.strerror} (writing in {where}); nothing was published") from None
+
+
+def load_sample(raw: RawSample, resolution: int, max_pixels: int) -> list[np.ndarray]:
     """The sample's images as (R, R, 3) uint8 arrays; raises Rejected with the reason it is unusable."""
     if raw.problem:
         raise Rejected(raw.problem)
@@ -171,15 +211,34 @@ def load_sample(raw: RawSample, resolution: int) -> list[np.ndarray]:
         if data is None:
             raise Rejected("missing_image")
         try:
-            images.append(to_pixels(data, resolution))
+            images.append(to_pixels(data, resolution, max_pixels))
         except DECODE_ERRORS:
             raise Rejected("corrupt_image") from None
     return images
 
 
-def to_pixels(data: bytes, resolution: int) -> np.ndarray:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, refused (Rejected "too_large") when it claims more than max_pixels.
+
+    max_pixels is the one limit: PIL's own decompression-bomb warning (which would be a stray line on stderr) is
+    silenced, and its error, for more than twice Image.MAX_IMAGE_PIXELS, counts as too_large as well.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise Rejected("too_large", str(err)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+    return image
+
+
+def to_pixels(data: bytes, resolution: int, max_pixels: int) -> np.ndarray:
     """Decode, convert to RGB, resize the shorter side to `resolution` and center-crop to a square."""
-    with Image.open(io.BytesIO(data)) as opened:
+    with open_image(data, max_pixels) as opened:
         # Lets JPEG decode at a reduced scale that is still at least resolution x resolution: much faster.
         opened.draft("RGB", (resolution, resolution))
         image = ImageOps.exif_transpose(opened)
@@ -220,7 +279,7 @@ class ShardWriter:
         stacked = {role: np.stack([images[i] for images, _, _ in self.pending]) for i, role in enumerate(roles)}
         # Channel-first copies: safetensors stores raw memory, so a permuted view must be made contiguous.
         tensors = {role: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous() for role, array in stacked.items()}
-        save_file(tensors, str(self.directory / f"{name}.safetensors"))
+        save_tensors(tensors, self.directory / f"{name}.safetensors")
         with open(self.directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for _, caption, split in self.pending:
                 line = {"caption": caption} if split is None else {"caption": caption, "split": split}
@@ -234,6 +293,19 @@ class ShardWriter:
         if self.pending:
             self.flush()
         return self.shards
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, except that a failed write raises OSError like any other file write: safetensors reports it as
+    SafetensorError, with the OS error number only in its message."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def file_reader(fs, path: str) -> Callable[[], bytes | None]:
@@ -278,9 +350,15 @@ def jsonl_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSamp
         raise SSPOError(f"not found: {metadata}")
     base = posixpath.dirname(metadata)
     required = ("file", "caption", "loser") if keep_pairs else ("file", "caption")
+    data = fs.cat_file(metadata)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_number, byte = data[: err.start].count(b"\n") + 1, data[err.start]
+        raise SSPOError(f"{metadata} is not UTF-8 text: line {line_number} holds the byte {byte:#04x}") from None
     records = []
     # Parsed and checked up front: a format error should stop the run before any image is processed.
-    for number, line in enumerate(fs.cat_file(metadata).decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -329,13 +407,17 @@ def parquet_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSa
                 parquet = pq.ParquetFile(f)
             except (pa.ArrowInvalid, OSError) as err:
                 raise SSPOError(f"{path} is not a readable parquet file: {err}") from err
-            found = parquet.schema_arrow.names
-            missing = [column for column in PARQUET_COLUMNS if column not in found]
+            schema = parquet.schema_arrow
+            missing = [column for column in PARQUET_COLUMNS if column not in schema.names]
             if missing:
                 raise SSPOError(
                     f"{path}: expected columns {', '.join(PARQUET_COLUMNS)}; missing: {', '.join(missing)}; "
-                    f"found: {', '.join(found)}"
+                    f"found: {', '.join(schema.names)}"
                 )
+            for column, (expected, fitting) in PARQUET_TYPES.items():
+                kind = schema.field(column).type
+                if not any(fits(kind) for fits in (*fitting, pa.types.is_null)):
+                    raise SSPOError(f"{path}: column {column} holds {kind} values; expected {expected}")
             total += parquet.metadata.num_rows
 
     def samples() -> Iterator[RawSample]:

@@ -39,6 +39,7 @@ def run_prepare(cfg: config.PrepareConfig) -> dict:
         keep_pairs=cfg.keep_pairs,
         on_error=cfg.on_error,
         limit=cfg.limit or None,
+        max_pixels=cfg.max_pixels,
     )
 
 

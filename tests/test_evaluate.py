@@ -3,11 +3,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
-from sspo import config
+from failure_tools import assert_nothing_published, assert_one_line_error, needs_root, sspo_on_full_disk
+from sspo import config, storage
+from sspo.cli import main
 from sspo.errors import SSPOError
 from sspo.evaluate import prompts, report
 from sspo.evaluate.results import WinRate
+from sspo.models import apply_checkpoint, lora_config
+from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.stages import run_evaluate, run_train
 
 FAST = {"seeds": [0], "sample_steps": 2, "bootstrap_samples": 200}
@@ -132,3 +140,93 @@ def test_rescore_refuses_a_folder_that_is_not_an_evaluation(tmp_path):
     with pytest.raises(SSPOError, match="not a finished evaluation"):
         evaluate(tmp_path / "out", rescore=str(tmp_path / "run"))
     assert not (tmp_path / "out").exists()
+
+
+def sspo_evaluate(capsys, *args: str) -> tuple[int, str]:
+    """`sspo evaluate ARGS` in this process, without the repository's params.yaml: (exit code, stderr)."""
+    code = main(["evaluate", "--params", "", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["published", "leftover"])
+def test_existing_output_is_refused_before_any_model_is_loaded(tmp_path, capsys, published):
+    output = tmp_path / "eval"
+    output.mkdir()
+    (output / "metrics.json").write_text("{}")
+    if published:
+        storage.publish_dir(output, str(output))
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    # The model does not exist: refusing the output first is the only way to get that message.
+    code, stderr = sspo_evaluate(capsys, "--model", str(tmp_path / "no-model"), "--output", str(output))
+
+    assert code == 2
+    assert_one_line_error(stderr, "evaluate", "already exists" if published else "holds no complete output")
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+def unet_of(model: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True)
+
+
+def lora_weights(model: str, rank: int) -> dict[str, torch.Tensor]:
+    """A LoRA adapter of `rank` for the model's UNet, in the trainer's format, with random (not zero) weights."""
+    unet = unet_of(model)
+    unet.add_adapter(lora_config(rank, rank), adapter_name="default")
+    generator = torch.Generator().manual_seed(rank)
+    return {name: torch.randn(tensor.shape, generator=generator)
+            for name, tensor in get_peft_model_state_dict(unet, adapter_name="default").items()}
+
+
+def publish_checkpoint(folder, weights: dict, kind: str, rank: int = 0) -> str:
+    folder.mkdir()
+    save_file(weights, str(folder / CHECKPOINT_WEIGHTS))
+    info = {"kind": kind, "lora_rank": rank, "lora_alpha": rank, "step": 1}
+    (folder / CHECKPOINT_INFO).write_text(json.dumps(info))
+    return storage.publish_dir(folder, str(folder))
+
+
+@pytest.mark.parametrize("claimed, held, message", [
+    (("lora", 2), ("lora", 4), "does not hold a LoRA adapter (rank 2, alpha 2) for this model"),
+    (("full", 0), ("lora", 4), "does not hold full UNet weights for this model"),
+    (("lora", 4), ("full", 0), "does not hold a LoRA adapter (rank 4, alpha 4) for this model"),
+], ids=["lora-rank", "full-holding-lora", "lora-holding-full"])
+def test_checkpoint_whose_info_does_not_match_its_weights_is_a_one_line_error(base_model, tmp_path, capsys, claimed,
+                                                                              held, message):
+    """LoRA ranks that differ, and a full checkpoint holding an adapter, used to end in a RuntimeError from
+    load_state_dict; an adapter checkpoint holding full weights loaded nothing and evaluated the base model."""
+    weights = lora_weights(base_model, held[1]) if held[0] == "lora" else unet_of(base_model).state_dict()
+    checkpoint = publish_checkpoint(tmp_path / "checkpoint", weights, *claimed)
+
+    code, stderr = sspo_evaluate(capsys, "--model", base_model, "--checkpoint", checkpoint,
+                                 "--output", str(tmp_path / "eval"), "--seeds", "0", "--sample-steps", "1")
+
+    assert code == 2
+    assert_one_line_error(stderr, "evaluate", f"{checkpoint}: unet.safetensors {message}")
+    assert_nothing_published(tmp_path / "eval")
+
+
+def test_lora_checkpoint_that_matches_its_weights_is_applied(base_model, tmp_path):
+    weights = lora_weights(base_model, 4)
+    checkpoint = publish_checkpoint(tmp_path / "checkpoint", weights, "lora", 4)
+    unet = unet_of(base_model)
+
+    assert apply_checkpoint(unet, checkpoint)["kind"] == "lora"
+
+    loaded = get_peft_model_state_dict(unet, adapter_name="trained")
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[name], weights[name]) for name in weights)
+
+
+@needs_root
+def test_full_disk_publishes_nothing_and_names_the_path(base_model, tmp_path):
+    """Every image, grid and report is a file of its own: they cannot all fit a 16 KB disk."""
+    disk = tmp_path / "disk"
+
+    result, left = sspo_on_full_disk(disk, "16k", "evaluate", "--params", "", "--model", base_model,
+                                     "--output", str(disk / "eval"), "--prompts", "toy:train", "--max-prompts", "4",
+                                     "--seeds", "0", "--sample-steps", "1", "--bootstrap-samples", "10")
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "evaluate", f"cannot write {disk / 'eval'}: No space left on device",
+                          str(disk))
+    assert left == []

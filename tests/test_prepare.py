@@ -1,6 +1,10 @@
 import io
 import json
 import logging
+import struct
+import subprocess
+import sys
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from failure_tools import assert_nothing_published, assert_one_line_error, needs_root, sspo_on_full_disk
+from sspo.cli import main
 from sspo.errors import SSPOError
 from sspo.prepare import ShardDataset, prepare, to_pixels
 
@@ -237,7 +243,7 @@ def test_resize_scales_the_shorter_side_then_center_crops():
     image.paste(GREEN, (12, 0, 36, 24))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    pixels = torch.tensor(to_pixels(buffer.getvalue(), 16)).permute(2, 0, 1)
+    pixels = torch.tensor(to_pixels(buffer.getvalue(), 16, max_pixels=48 * 24)).permute(2, 0, 1)
     assert pixels.shape == (3, 16, 16)
     # Bicubic blends a pixel or two across the blue/green edges; the interior is pure green.
     assert (pixels[:, :, 2:14] == torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1)).all()
@@ -265,3 +271,129 @@ def test_shard_dataset_detects_a_tampered_shard(folder_source, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(SSPOError, match="sha256"):
         ShardDataset(str(tmp_path / "out"))
+
+
+def sspo_prepare(capsys, *args: str) -> tuple[int, str]:
+    """`sspo prepare ARGS` in this process, without the repository's params.yaml: (exit code, stderr)."""
+    code = main(["prepare", "--params", "", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("column", ["label_0", "jpg_0", "jpg_1"])
+def test_parquet_column_of_strings_is_a_one_line_error(tmp_path, capsys, pick_a_pic_rows, column):
+    """A string label_0 (say "1.0") used to fail in math.isnan, a string image column in the decoder."""
+    rows = [dict(zip(("caption", "jpg_0", "jpg_1", "label_0"), row)) for row in pick_a_pic_rows[:2]]
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    columns[column] = [str(value) for value in columns[column]]
+    pq.write_table(pa.table(columns), tmp_path / "pap.parquet")
+
+    code, stderr = sspo_prepare(capsys, "--source", str(tmp_path / "pap.parquet"), "--output", str(tmp_path / "out"))
+
+    assert code == 2
+    assert_one_line_error(stderr, "prepare", f"pap.parquet: column {column} holds string values; expected")
+    assert_nothing_published(tmp_path / "out")
+
+
+def test_metadata_jsonl_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(encode(RED))
+    text = '{"file": "a.png", "caption": "fine"}\n{"file": "a.png", "caption": "caf\u00e9"}\n'
+    (tmp_path / "src" / "metadata.jsonl").write_bytes(text.encode("latin-1"))
+
+    code, stderr = sspo_prepare(capsys, "--source", str(tmp_path / "src"), "--output", str(tmp_path / "out"))
+
+    assert code == 2
+    assert_one_line_error(stderr, "prepare", "metadata.jsonl is not UTF-8 text: line 2 holds the byte 0xe9")
+    assert_nothing_published(tmp_path / "out")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid black 1-bit PNG of width x height: a few tens of KB, but width*height*3 bytes once decoded to RGB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then 1 bit a pixel
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def sspo_prepare_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m sspo prepare ARGS` as its own process: stderr as a user sees it, Python warnings included."""
+    return subprocess.run([sys.executable, "-m", "sspo", "prepare", "--params", "", *args], capture_output=True,
+                          text=True)
+
+
+@pytest.fixture
+def bomb_source(tmp_path):
+    """A good image and a 17.5 KB PNG claiming 12000 x 12000 pixels: 144 MP, past PIL's 89 MP warning."""
+    source = tmp_path / "bomb"
+    source.mkdir()
+    (source / "good.png").write_bytes(encode(RED))
+    (source / "good.txt").write_text("good")
+    (source / "huge.png").write_bytes(png_claiming(12000, 12000))
+    (source / "huge.txt").write_text("huge")
+    return source
+
+
+def test_image_claiming_too_many_pixels_is_counted_as_rejected_not_decoded(bomb_source, tmp_path):
+    result = sspo_prepare_process("--source", str(bomb_source), "--output", str(tmp_path / "out"),
+                                  "--resolution", str(R))
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "DecompressionBomb" not in result.stderr
+    assert "skipped 1 samples" in result.stderr and "too_large=1" in result.stderr
+    assert "prepare 2/2" in result.stderr  # progress off a terminal
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["num_samples"] == 1 and manifest["skipped"] == {"too_large": 1}
+
+
+@pytest.mark.parametrize("side", [12000, 15000], ids=["past-PIL-warning", "past-PIL-error"])
+def test_image_claiming_too_many_pixels_with_on_error_fail_is_a_one_line_error(tmp_path, side):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "huge.png").write_bytes(png_claiming(side, side))
+    (tmp_path / "src" / "huge.txt").write_text("huge")
+
+    result = sspo_prepare_process("--source", str(tmp_path / "src"), "--output", str(tmp_path / "out"),
+                                  "--on-error", "fail")
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "prepare", "bad sample huge.png: too_large")
+    assert_nothing_published(tmp_path / "out")
+
+
+def test_max_pixels_is_checked_from_the_header(folder_source, tmp_path):
+    # The fixture's images are 20 x 14 = 280 pixels.
+    with pytest.raises(SSPOError, match=r"no valid samples .*'too_large': 4"):
+        prepare(str(folder_source), str(tmp_path / "out"), resolution=R, max_pixels=279)
+    with pytest.raises(SSPOError, match=r"bad sample a.png: too_large .*20x14 = 280 pixels > max_pixels 279"):
+        prepare(str(folder_source), str(tmp_path / "out2"), resolution=R, max_pixels=279, on_error="fail")
+    assert prepare(str(folder_source), str(tmp_path / "out3"), resolution=R, max_pixels=280)["num_samples"] == 4
+
+
+@needs_root
+def test_full_disk_publishes_nothing_and_names_the_path(tmp_path):
+    """Shards of 40 samples at 64 x 64 (about 500 KB) cannot fit a 128 KB disk."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(40):
+        (source / f"{index}.png").write_bytes(encode((index, 0, 0)))
+        (source / f"{index}.txt").write_text(f"caption {index}")
+    disk = tmp_path / "disk"
+
+    result, left = sspo_on_full_disk(disk, "128k", "prepare", "--params", "", "--source", str(source),
+                                     "--output", str(disk / "out"), "--resolution", "64")
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "prepare", f"cannot write {disk / 'out'}: No space left on device",
+                          str(disk))
+    assert left == []
+
+
+def test_max_pixels_flag_reaches_prepare(folder_source, tmp_path, capsys):
+    code, stderr = sspo_prepare(capsys, "--source", str(folder_source), "--output", str(tmp_path / "out"),
+                                "--resolution", "8", "--max-pixels", "279", "--on-error", "fail")
+    assert code == 2
+    assert_one_line_error(stderr, "prepare", "bad sample a.png: too_large", "20x14 = 280 pixels > max_pixels 279")
+    assert_nothing_published(tmp_path / "out")

@@ -25,6 +25,7 @@ from sspo.evaluate import report, scorers
 from sspo.evaluate.results import ALL, Evaluation
 from sspo.run_store import resolve_checkpoint
 from sspo.models import apply_checkpoint, load_components
+from sspo.prepare import disk_full_as_error
 from sspo.progress import Progress
 from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
 from sspo.toy.world import ATTRIBUTES, Scene
@@ -123,19 +124,20 @@ def saved_images(url: str) -> tuple[list[prompt_sets.PromptSet], dict, dict]:
 
 
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
-    chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
-    if cfg.rescore:
-        sets, images, provenance = saved_images(cfg.rescore)
-    else:
-        sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts)
-        images, provenance = generated_images(cfg, sets)
-    models = list(dict.fromkeys(model for model, _ in images))
-    seeds = provenance["sampler"]["seeds"]
-    results = Evaluation.new({"config": json.loads(to_json(cfg)), **provenance}, cfg.scorers, [s.name for s in sets],
-                             models)
-    index_rows = []
-    scores: dict = {}  # (model, split) -> score_all() result
-    with storage.staged_output(cfg.output) as (staging, manifest_extra):
+    # Entered first, so an existing output (or a failed run's leftover) is refused before any model is loaded.
+    with disk_full_as_error(cfg.output), storage.staged_output(cfg.output) as (staging, manifest_extra):
+        chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
+        if cfg.rescore:
+            sets, images, provenance = saved_images(cfg.rescore)
+        else:
+            sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts)
+            images, provenance = generated_images(cfg, sets)
+        models = list(dict.fromkeys(model for model, _ in images))
+        seeds = provenance["sampler"]["seeds"]
+        results = Evaluation.new({"config": json.loads(to_json(cfg)), **provenance}, cfg.scorers,
+                                 [s.name for s in sets], models)
+        index_rows = []
+        scores: dict = {}  # (model, split) -> score_all() result
         for prompt_set in sets:
             split, texts = prompt_set.name, prompt_set.prompts
             for model in models:
