@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,13 +311,26 @@ def coerce(name: str, kind, value, what: str = "config"):
         raise SSPOError(f"invalid {what}: {name}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (true/false only): YAML 1.1 also reads a bare yes/no/on/off as a boolean, which
+    turned `ssr: off` or `mixed_precision: no` into one; bool fields still take those words (see coerce)."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def read_yaml_mapping(params_file: str) -> dict:
     """A YAML (or JSON) file that must hold a mapping, e.g. params.yaml; one clear error otherwise."""
     path = Path(params_file)
     if not path.is_file():
         raise SSPOError(f"params file not found: {params_file}")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
     except yaml.YAMLError as err:
         raise SSPOError(f"{params_file} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(loaded, dict):

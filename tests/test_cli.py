@@ -129,3 +129,11 @@ def test_published_and_pulled_outputs_get_the_mode_the_umask_gives(tmp_path, uma
                   umask=umask)
     assert result.returncode == 0, result.stderr
     assert modes(pulled) == expected(pulled)
+
+
+def test_params_yaml_keeps_yes_no_on_off_as_words_for_text_fields(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  ssr: off\n  mixed_precision: no\n  shared_noise: off\n  gradient_checkpointing: yes\n")
+    train = config.load("train", str(params), {})
+    assert (train.ssr, train.mixed_precision, train.shared_noise, train.gradient_checkpointing) == ("off", "no", False,
+                                                                                                  True)
