@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SSPO := $(BIN)/sspo
 
-.PHONY: setup demo test test-deps bench clean-demo
+.PHONY: setup demo test test-deps bench faults clean-demo
 
 # torch first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -31,6 +31,10 @@ test: setup test-deps
 
 bench: setup
 	$(BIN)/python bench/step_times.py
+
+# The fault campaign (kill -9, a faulty S3 server, generated bad inputs, NaN, corrupt checkpoints) as one table.
+faults: setup
+	$(BIN)/python bench/faults.py
 
 clean-demo:
 	rm -rf data/world data/prepared models/base runs/sspo runs/registered.json eval/sspo

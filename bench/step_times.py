@@ -3,7 +3,9 @@
 Measures, in one process so the ratios share the machine's state:
 - the median optimizer-step time of sft, dpo and sspo (full fine-tune) from the trainer's own step log;
 - self-sampling alone (DDIM + CFG for one batch of latents);
-- the replay reference switch for a pool of 50 entries, LoRA (adapter copy) and full (LRU + prefetch, and cold).
+- the replay reference switch for a pool of 50 entries, LoRA (adapter copy) and full (LRU + prefetch, and cold);
+- the dpo step next to one competing busy process, with torch's default threads and with one thread fewer.
+The figures are also written to bench/results/step_times.json.
 
 Usage: python bench/step_times.py [--steps 12] [--workdir DIR]
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +34,8 @@ from sspo.train.replay import FullReference, LoraReference, load_safetensors
 
 BATCH = 8
 POOL = 50
+RESULTS = Path(__file__).resolve().parent / "results"
+COMPETITOR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a"
 
 
 def median_step_seconds(run_dir: Path, warmup: int = 2) -> float:
@@ -65,6 +71,20 @@ def main() -> None:
         run = work / f"run-{objective}"
         run_train(config.load("train", None, {**common, "objective": objective, "output": str(run)}))
         step[objective] = median_step_seconds(run)
+
+    # A neighbour busy on one core, as on a shared node: the trainer with torch's default pool (one thread per core)
+    # against one thread per CPU left, which is what `threads` (or the pod's CPU quota) gives.
+    default_threads = torch.get_num_threads()
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR])
+    try:
+        for threads in (default_threads, max(1, default_threads - 1)):
+            run = work / f"run-dpo-competed-{threads}"
+            run_train(config.load("train", None, {**common, "objective": "dpo", "output": str(run),
+                                                  "threads": threads}))
+            step[f"dpo, 1 competing process, {threads} threads"] = median_step_seconds(run)
+    finally:
+        competitor.kill()
+        torch.set_num_threads(default_threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = load_components(base)
@@ -118,6 +138,7 @@ def main() -> None:
         ("sft step", step["sft"]),
         ("dpo step", step["dpo"]),
         ("sspo step", step["sspo"]),
+        *((name, seconds) for name, seconds in step.items() if "competing" in name),
         ("self-sampling alone (DDIM-10, CFG 4)", sampling),
         (f"replay switch, LoRA r=4, pool {POOL}", lora_switch),
         (f"replay switch, full, pool {POOL}, LRU 8 + prefetch", full_switch),
@@ -127,6 +148,11 @@ def main() -> None:
     print(f"{'measure':<52}{'seconds':>10}{'ratio':>8}")
     for name, seconds in rows:
         print(f"{name:<52}{seconds:>10.4f}{seconds / step['dpo']:>8.3f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "step_times.json").write_text(json.dumps({
+        "device": device, "threads": torch.get_num_threads(), "batch": BATCH,
+        "seconds": dict(rows), "ratio_to_dpo": {name: seconds / step["dpo"] for name, seconds in rows}}, indent=2))
+    print(f"written to {RESULTS / 'step_times.json'}")
 
 
 if __name__ == "__main__":

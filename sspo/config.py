@@ -19,6 +19,7 @@ REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 EXPERIMENT_PHASES = ("all", "cells", "report")
+MAX_RESOLUTION = 4096  # past SDXL's 1024 and video upscalers' 2048; a typo like 100000 would need ~30 GB per image
 
 
 @dataclass
@@ -87,7 +88,7 @@ class PrepareConfig:
     def validate(self):
         _require(self.format in ("auto", "folder", "jsonl", "parquet"), "format must be auto, folder, jsonl or parquet")
         _require(self.on_error in ("skip", "fail"), "on_error must be skip or fail")
-        _require(self.resolution >= 8, "resolution must be at least 8")
+        _require(8 <= self.resolution <= MAX_RESOLUTION, f"resolution must be between 8 and {MAX_RESOLUTION}")
         _require(self.limit >= 0, "limit must be 0 (all) or positive")
         _require(self.max_pixels > 0, "max_pixels must be positive")
 
@@ -124,6 +125,8 @@ class TrainConfig:
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance for self-samples"})
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    threads: int = field(default=0, metadata={
+        "help": "intra-op CPU threads; 0 = one per CPU of the cgroup's quota (torch's default without a quota)"})
     seed: int = 0
     metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port while training (0 = off)"})
     pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the final metrics (default $SSPO_PUSHGATEWAY)"})
@@ -146,6 +149,7 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"{name} must be positive")
         _require(self.replay_cache_size >= 2, "replay_cache_size must be at least 2 (current + prefetched)")
         _require(self.lora_rank >= 0, "lora_rank must be 0 (full fine-tune) or positive")
+        _require(self.threads >= 0, "threads must be 0 (from the CPU quota) or positive")
         _require(0 <= self.metrics_port < 65536, "metrics_port must be 0 (off) or a TCP port")
         _require(self.learning_rate > 0, "learning_rate must be positive")
 
@@ -177,7 +181,7 @@ class EvaluateConfig:
                 "(model, checkpoint, prompts and sampler settings then come from that evaluation)"})
 
     def validate(self):
-        _require(len(self.seeds) > 0, "seeds must list at least one seed")
+        _require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds must list at least one seed, none negative")
         _require(self.sample_steps > 0, "sample_steps must be positive")
         _require(not math.isnan(self.guidance), "guidance must be a number, not NaN")
         _require(len(self.prompts) > 0, "prompts must name at least one prompt set")
@@ -304,6 +308,8 @@ def coerce(name: str, kind, value, what: str = "config"):
         # int() and str() take these too, as 1 or 0 and as their repr: never what was meant
         if value is None or isinstance(value, (bool, dict, list)):
             raise ValueError(value)
+        if "\x00" in str(value):  # no path, URL or name holds one; file APIs fail on it with a ValueError
+            raise ValueError(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return kind(value)
@@ -331,6 +337,9 @@ def read_yaml_mapping(params_file: str) -> dict:
         raise SSPOError(f"params file not found: {params_file}")
     try:
         loaded = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
+    except UnicodeDecodeError as err:
+        raise SSPOError(f"{params_file} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+                        ) from None
     except yaml.YAMLError as err:
         raise SSPOError(f"{params_file} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(loaded, dict):
@@ -345,6 +354,8 @@ def load(stage: str, params_file: str | None, overrides: dict) -> typing.Any:
     values: dict = {}
     if params_file:
         section = read_yaml_mapping(params_file).get(stage) or {}
+        if not isinstance(section, dict):
+            raise SSPOError(f"invalid config: [{stage}] in {params_file} must be a mapping of names to values")
         unknown = sorted(set(section) - set(types))
         if unknown:
             raise SSPOError(f"invalid config: unknown key(s) in {params_file} [{stage}]: {', '.join(unknown)}")

@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from sspo import storage
+from sspo import faults, storage
 from sspo.errors import SSPOError
 
 CHECKPOINT_WEIGHTS = "unet.safetensors"
@@ -84,12 +84,26 @@ def is_finished(url: str) -> bool:
     return storage.exists(storage.join(url, METRICS))
 
 
+def parse_log(text: str, where: str) -> list[dict]:
+    """Rows of a training log. A last line cut short (the process was killed while appending it) is dropped: a
+    resume cuts the log back to its checkpoint, before that step, anyway."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise SSPOError(f"{where}: line {number} is not a JSON row; the log is damaged") from None
+    return rows
+
+
 def read_log(url: str) -> list[dict]:
     """The rows of a run's training log (empty when the run has none yet)."""
     log_url = storage.join(url, TRAIN_LOG)
     if not storage.exists(log_url):
         return []
-    return [json.loads(line) for line in storage.read_text(log_url).splitlines() if line.strip()]
+    return parse_log(storage.read_text(log_url), log_url)
 
 
 @contextmanager
@@ -142,17 +156,19 @@ class RunStore:
         self.local.mkdir(parents=True, exist_ok=True)
         (self.local / CONFIG).write_text(config_json)
 
-    def start_log(self, resume_step: int) -> None:
+    def start_log(self, resume_step: int) -> list[dict]:
         """The log as it was at `resume_step`: rows a crashed attempt wrote after its last checkpoint are dropped,
-        so every step is logged exactly once. A remote run reads its uploaded log (a retried pod has no local one)."""
+        so every step is logged exactly once. A remote run reads its uploaded log (a retried pod has no local one).
+        Returns the rows kept."""
         rows = read_log(self.url) if self.remote else self._local_rows()
         kept = [row for row in rows if row["step"] <= resume_step]
         self.local.mkdir(parents=True, exist_ok=True)
         (self.local / TRAIN_LOG).write_text("".join(json.dumps(row) + "\n" for row in kept))
+        return kept
 
     def _local_rows(self) -> list[dict]:
         path = self.local / TRAIN_LOG
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return parse_log(path.read_text(), str(path)) if path.exists() else []
 
     def append_log(self, row: dict) -> None:
         with open(self.local / TRAIN_LOG, "a") as f:
@@ -165,9 +181,11 @@ class RunStore:
         """Sync the run files, then publish the checkpoint staged for `step` (manifest last); a remote run's
         staging is removed once published."""
         self._sync_run_files()
+        faults.point("run-files-synced")  # crash windows for the fault tests (sspo.faults)
         url = self.checkpoint_url(step)
         staging = self.checkpoint_staging(step)
         storage.publish_dir(staging, url)
+        faults.point("checkpoint-published")
         if self.remote:
             shutil.rmtree(staging)
         return url

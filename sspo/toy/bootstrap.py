@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sspo.config import BootstrapConfig
 from sspo import storage
+from sspo.config import BootstrapConfig
+from sspo.models import denoising_target
 from sspo.progress import Progress
 from sspo.toy import model as toy_model
 from sspo.toy.world import COLORS, POSITIONS, SHAPES, Scene
@@ -79,7 +80,7 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(batch_ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = torch.nn.functional.mse_loss(prediction, denoising_target(scheduler, latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -114,7 +115,7 @@ def bootstrap(cfg: BootstrapConfig, staging: Path) -> dict:
     tokenizer = toy_model.build_tokenizer()
     text_encoder = toy_model.build_text_encoder(tokenizer)
     unet = toy_model.build_unet(latent_size=latent_mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
-    scheduler = toy_model.build_noise_scheduler()
+    scheduler = toy_model.build_noise_scheduler(cfg.prediction_type)
     unet_loss = train_denoiser(
         unet,
         text_encoder,

@@ -86,13 +86,13 @@ def build_unet(latent_size: int, cross_attention_dim: int = 64) -> UNet2DConditi
     )
 
 
-def build_noise_scheduler() -> DDPMScheduler:
+def build_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
     )

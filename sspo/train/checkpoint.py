@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sspo import faults
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -28,6 +29,7 @@ def write_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / CHECKPOINT_WEIGHTS))
     (directory / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    faults.point("checkpoint-weights-written")  # a crash mid-write, for the fault tests
     tensors, scalars = {}, {}
     for param_id, values in optimizer_state["state"].items():
         for name, value in values.items():

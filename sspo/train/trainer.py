@@ -23,10 +23,11 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from sspo import objectives, storage, telemetry
+from sspo import faults, objectives, storage, telemetry
 from sspo.config import TrainConfig, to_json
+from sspo.cpu import configure_threads
 from sspo.errors import SSPOError
-from sspo.models import base_unet_weights, load_components, lora_config, per_sample_error
+from sspo.models import base_unet_weights, denoising_target, load_components, lora_config, per_sample_error
 from sspo.prepare import ShardDataset
 from sspo.progress import Progress
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, RunStore, checkpoint_files, resolve_checkpoint
@@ -74,8 +75,8 @@ def replay_entries(cfg: TrainConfig) -> list[str]:
 
 # Settings a resumed run may change: how long it runs, how often it saves, memory and telemetry. Any other change
 # would make the run something else than what its checkpoints and lineage say.
-RESUMABLE_SETTINGS = {"output", "steps", "save_every", "replay_cache_size", "gradient_checkpointing", "metrics_port",
-                      "pushgateway"}
+RESUMABLE_SETTINGS = {"output", "steps", "save_every", "replay_cache_size", "gradient_checkpointing", "threads",
+                      "metrics_port", "pushgateway"}
 
 
 def recorded_settings(cfg: TrainConfig) -> dict:
@@ -101,6 +102,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.objective = objectives.OBJECTIVES[cfg.objective]
+        configure_threads(cfg.threads)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
@@ -146,9 +148,11 @@ class Trainer:
 
         self.step, self.pool = self.resume(unet, optimizer)
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.last_logged: dict = {}
         if self.is_main:
             self.store.write_config(to_json(cfg))
-            self.store.start_log(self.step)
+            logged = self.store.start_log(self.step)
+            self.last_logged = logged[-1] if logged else {}  # a run resumed at its last step still reports them
         self.uncond = encode_prompts(self.parts.tokenizer, self.parts.text_encoder, [""])
         self.scaling = self.parts.vae.config.scaling_factor
         self.num_timesteps = self.parts.noise_scheduler.config.num_train_timesteps
@@ -209,7 +213,8 @@ class Trainer:
         if self.objective.reference is None:
             noise, t = randn(winner.shape), timesteps(len(winner))
             prediction = self.unet(parts.noise_scheduler.add_noise(winner, noise, t), t, cond).sample
-            return self.objective.loss(objectives.PairErrors(per_sample_error(prediction, noise)), cfg.beta, cfg.ssr)
+            target = denoising_target(parts.noise_scheduler, winner, noise, t)
+            return self.objective.loss(objectives.PairErrors(per_sample_error(prediction, target)), cfg.beta, cfg.ssr)
 
         index = self.reference_index(step, micro)
         self.reference.activate(self.pool[index])
@@ -227,9 +232,11 @@ class Trainer:
             noise_l, t_l = (noise_w, t_w) if cfg.shared_noise else (randn(winner.shape), timesteps(len(winner)))
             noisy = torch.cat([parts.noise_scheduler.add_noise(winner, noise_w, t_w),
                                parts.noise_scheduler.add_noise(losing, noise_l, t_l)])
-            t, noise, context = torch.cat([t_w, t_l]), torch.cat([noise_w, noise_l]), torch.cat([cond, cond])
-            err_w_ref, err_l_ref = per_sample_error(reference_unet(noisy, t, context).sample, noise).chunk(2)
-        err_w, err_l = per_sample_error(self.unet(noisy, t, context).sample, noise).chunk(2)
+            target = torch.cat([denoising_target(parts.noise_scheduler, winner, noise_w, t_w),
+                                denoising_target(parts.noise_scheduler, losing, noise_l, t_l)])
+            t, context = torch.cat([t_w, t_l]), torch.cat([cond, cond])
+            err_w_ref, err_l_ref = per_sample_error(reference_unet(noisy, t, context).sample, target).chunk(2)
+        err_w, err_l = per_sample_error(self.unet(noisy, t, context).sample, target).chunk(2)
         loss, stats = self.objective.loss(objectives.PairErrors(err_w, err_w_ref, err_l, err_l_ref), cfg.beta, cfg.ssr)
         return loss, {**stats, "ref_index": index}
 
@@ -263,6 +270,7 @@ class Trainer:
                 "config": settings,
             }
             write_checkpoint(self.store.checkpoint_staging(step), weights, info, self.optimizer.state_dict(), state)
+            faults.point("checkpoint-written")
             with telemetry.checkpoint_publish_seconds.time():
                 self.store.publish_checkpoint(step)
         self.accelerator.wait_for_everyone()
@@ -285,13 +293,14 @@ class Trainer:
     def run(self) -> dict:
         cfg, accelerator = self.cfg, self.accelerator
         progress = Progress(cfg.steps, f"train {cfg.objective}", initial=self.step, enabled=self.is_main)
-        last_stats: dict = {}
+        last_stats = self.last_logged
         while self.step < cfg.steps:
             started = time.perf_counter()
             step_stats: list[dict] = []
             for micro in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(self.unet), accelerator.autocast():
                     loss, stats = self.micro_step(self.step, micro)
+                    loss = faults.loss_at_step(loss, self.step + 1)  # deterministic NaN tests; no-op otherwise
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -300,12 +309,15 @@ class Trainer:
                 step_stats.append({"loss": loss.item(), **stats})
             self.lr_scheduler.step()
             self.step += 1
+            # Fault points (sspo.faults) let the fault tests kill a run in each window deterministically.
+            faults.point("train-step-done")
             last_stats = {key: float(np.mean([s[key] for s in step_stats])) for key in step_stats[0]}
             last_stats = {"step": self.step, **last_stats, "lr": self.lr_scheduler.get_last_lr()[0],
                           "seconds": time.perf_counter() - started}
             if self.is_main:
                 self.store.append_log(last_stats)
                 telemetry.record_step(last_stats, cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size)
+            faults.point("train-step-logged")
             if not self.loss_is_finite_everywhere(last_stats["loss"]):
                 self.stop_not_finite(f"step {self.step} has a loss of {last_stats['loss']}")
             progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
