@@ -68,6 +68,7 @@ REASONS = {
     "missing_caption": "there is no .txt caption file next to the image",
     "unreadable_caption": "the caption file is not UTF-8 text",
     "missing_label": "label_0 is null or NaN",
+    "bad_label": "label_0 is outside 0..1, so it says neither image is preferred",
     "tie": "the pair is a tie (label_0 = 0.5)",
     "too_large": "the image header claims more pixels than max_pixels (checked before decoding)",
 }
@@ -438,6 +439,8 @@ def parquet_source(fs, root: str, keep_pairs: bool) -> tuple[int, Iterator[RawSa
 def pair_sample(name: str, caption, image_0, image_1, label_0, keep_pairs: bool) -> RawSample:
     if label_0 is None or math.isnan(label_0):
         return RawSample(name, caption, None, problem="missing_label")
+    if not 0 <= label_0 <= 1:
+        return RawSample(name, caption, None, problem="bad_label")
     if label_0 == 0.5:
         return RawSample(name, caption, None, problem="tie")
     winner, loser = (image_0, image_1) if label_0 > 0.5 else (image_1, image_0)

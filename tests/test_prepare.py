@@ -1,6 +1,7 @@
 import io
 import json
 import logging
+import math
 import struct
 import subprocess
 import sys
@@ -397,3 +398,12 @@ def test_max_pixels_flag_reaches_prepare(folder_source, tmp_path, capsys):
     assert code == 2
     assert_one_line_error(stderr, "prepare", "bad sample a.png: too_large", "20x14 = 280 pixels > max_pixels 279")
     assert_nothing_published(tmp_path / "out")
+
+
+def test_parquet_label_outside_zero_to_one_is_skipped_and_counted(tmp_path):
+    rows = [("red wins", encode(RED), encode(GREEN), 1.0), ("seven", encode(RED), encode(GREEN), 7.0),
+            ("minus one", encode(RED), encode(GREEN), -1.0), ("infinite", encode(RED), encode(GREEN), math.inf)]
+    write_parquet(tmp_path / "pap.parquet", rows)
+    summary = prepare(str(tmp_path / "pap.parquet"), str(tmp_path / "out"), resolution=R)
+    assert summary["skipped"] == {"bad_label": 3}
+    assert ShardDataset(str(tmp_path / "out")).captions == ["red wins"]
