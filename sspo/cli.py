@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     except SSPOError as err:
         print(f"sspo {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # the last resort for storage and system errors no stage anticipated (access denied, a full disk): the user
+        # can act on the message, a traceback adds nothing
+        reason = f"access denied: {err}" if isinstance(err, PermissionError) else str(err)
+        print(f"sspo {args.stage}: error: {' '.join(reason.split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sspo {args.stage}: interrupted", file=sys.stderr)
         return 130

@@ -4,15 +4,19 @@ storage URL (s3://bucket/registry, a local folder, ...).
 Layout under a registry root:
 
     <root>/<name>/versions/<version>/     unet.safetensors, checkpoint.json, lineage.json, manifest.json
-    <root>/<name>/aliases/<alias>.json    {"name", "alias", "version", "url", "updated_at", "previous"}
-    <root>/<name>/aliases/<alias>.history/<time>-<id>.json   one object per change, never overwritten
+    <root>/<name>/aliases/<alias>.json    {"name", "alias", "version", "url", "updated_at", "previous", "change"}
+    <root>/<name>/aliases/<alias>.history/<change>.json   one object per change, never overwritten
 
 A version folder is a checkpoint folder, so its URL works wherever a checkpoint URL does (evaluate --checkpoint,
 train --replay-from). Its files are uploaded with conditional creates, read back and checked, and the manifest is
 written last with a conditional create: a version is visible only once complete, and of two publishers of one
-version exactly one wins. An alias is replaced by a single PUT of the whole object; its history keeps one object per
-change, so concurrent promotions cannot lose an entry. An alias object (or the record `sspo register --output`
-writes) also works as a checkpoint URL: it points at its version.
+version exactly one wins. An alias is replaced by a compare-and-swap of the whole object (a PUT conditional on its
+ETag on S3, a locked compare and replace in a local folder): of concurrent promotions each either replaces exactly
+the version it read, which its record names as `previous`, or reads again and retries; a history object per change
+is written once its change is in. An alias object (or the record `sspo register --output` writes) also works as a
+checkpoint URL: it points at its version.
+
+A registry in a bucket that does not exist is an error, never an empty registry: nothing creates buckets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -37,6 +42,7 @@ from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, config_of_checkp
 LINEAGE = "lineage.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 AUTO_VERSION_TRIES = 5
+ALIAS_TRIES = 10  # compare-and-swap attempts of one alias change; each conflict means another promoter got in first
 
 
 def check_name(kind: str, value: str) -> str:
@@ -62,6 +68,7 @@ def _children(url: str) -> list[str]:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache(path)
     if not storage.retry(lambda: fs.exists(path), f"checking {url}"):
+        storage.require_bucket(url)
         return []
     entries = storage.retry(lambda: fs.ls(path, detail=False), f"listing {url}")
     return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
@@ -93,6 +100,7 @@ def list_aliases(root: str, name: str) -> dict[str, str]:
 def read_alias(root: str, name: str, alias: str) -> dict:
     url = alias_url(root, name, alias)
     if not storage.exists(url):
+        storage.require_bucket(root)
         raise SSPOError(f"{name} has no alias {alias!r} in {root}")
     return storage.read_json(url)
 
@@ -104,6 +112,7 @@ def resolve_version(root: str, name: str, version: str = "", alias: str = "") ->
     if alias:
         version = read_alias(root, name, alias)["version"]
     if not storage.is_published(version_url(root, name, version)):
+        storage.require_bucket(root)
         raise SSPOError(f"{name} version {version} is not published in {root}")
     return version
 
@@ -132,11 +141,11 @@ def data_lineage(data: str) -> dict:
     return {"uri": data, "sha256": hashlib.sha256(storage.read_bytes(manifest)).hexdigest()}
 
 
-def lineage(cfg: RegisterConfig, version: str, checkpoint: str, info: dict) -> dict:
-    """What the version was made from. It holds no time, so a retried publish writes the same file."""
+def lineage(cfg: RegisterConfig, checkpoint: str, info: dict) -> dict:
+    """What the version was made from (all but the version number). It holds no time, so a retried publish writes
+    the same file."""
     return {
         "name": cfg.name,
-        "version": version,
         "checkpoint": checkpoint,
         "kind": info.get("kind"),
         "step": info.get("step"),
@@ -149,12 +158,27 @@ def lineage(cfg: RegisterConfig, version: str, checkpoint: str, info: dict) -> d
     }
 
 
+def check_destinations(cfg: RegisterConfig) -> None:
+    """The names and URLs a registration writes, checked before anything is published: a bad alias or output must
+    not leave a version behind that nobody asked for."""
+    check_name("model name", cfg.name)
+    for kind, value in (("version", cfg.version), ("alias", cfg.alias)):
+        if value:
+            check_name(kind, value)
+    for url in filter(None, (cfg.registry, cfg.output)):
+        storage.require_writable(url)
+        storage.require_bucket(url)
+
+
 def register(cfg: RegisterConfig) -> dict:
-    """Publish `cfg.checkpoint` as a new version of `cfg.name` (and point `cfg.alias` at it)."""
+    """Publish `cfg.checkpoint` as a new version of `cfg.name` (and point `cfg.alias` at it). Every input (the
+    checkpoint, data, metrics) is read and every name checked before the version is published."""
+    check_destinations(cfg)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     source = storage.fetch_dir(checkpoint)
     storage.verify_dir(source)
     info = json.loads((source / CHECKPOINT_INFO).read_text())
+    made_from = lineage(cfg, checkpoint, info)
     with tempfile.TemporaryDirectory(prefix=".sspo-register-") as staging:
         staging = Path(staging)
         for file in (CHECKPOINT_WEIGHTS, CHECKPOINT_INFO):
@@ -162,8 +186,7 @@ def register(cfg: RegisterConfig) -> dict:
         tries = 1 if cfg.version else AUTO_VERSION_TRIES
         for attempt in range(1, tries + 1):
             version = cfg.version or next_version(cfg.registry, cfg.name)
-            record = lineage(cfg, version, checkpoint, info)
-            (staging / LINEAGE).write_text(json.dumps(record, indent=2, sort_keys=True))
+            (staging / LINEAGE).write_text(json.dumps({**made_from, "version": version}, indent=2, sort_keys=True))
             url = version_url(cfg.registry, cfg.name, version)
             try:
                 extra = {"name": cfg.name, "version": version, "published_at": _now()}
@@ -182,16 +205,36 @@ def register(cfg: RegisterConfig) -> dict:
 
 
 def set_alias(root: str, name: str, alias: str, version: str) -> dict:
-    """Point `alias` at a published version: a history object first, then one PUT of the alias object."""
+    """Point `alias` at a published version with a compare-and-swap of the alias object, so that `previous` in the
+    returned record is the version this change really replaced; then record the change in the alias history.
+
+    When another promoter changes the alias between our read and our write, the write is refused and we read again
+    (up to ALIAS_TRIES times, with a short random pause so that promoters do not collide in step).
+    """
     resolve_version(root, name, version=version)
     url = alias_url(root, name, alias)
-    previous = storage.read_json(url)["version"] if storage.exists(url) else None
-    record = {"name": name, "alias": alias, "version": version, "url": version_url(root, name, version),
-              "updated_at": _now(), "previous": previous}
-    change = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-    history = storage.join(model_url(root, name), "aliases", f"{alias}.history", change)
+    written: dict[bytes, dict] = {}  # our attempts: a retried write whose first try landed finds itself here
+    for attempt in range(1, ALIAS_TRIES + 1):
+        try:
+            current, token = storage.read_for_update(url)
+            if current in written:
+                record = written[current]
+                break
+            change = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+            record = {"name": name, "alias": alias, "version": version, "url": version_url(root, name, version),
+                      "updated_at": _now(), "previous": json.loads(current)["version"] if current else None,
+                      "change": change}
+            payload = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+            written[payload] = record
+            storage.write_if_unchanged(url, payload, token)
+            break
+        except storage.ConcurrentChange:
+            if attempt == ALIAS_TRIES:
+                raise SSPOError(f"{name} alias {alias!r} in {root} kept changing under {ALIAS_TRIES} attempts to "
+                                f"point it at version {version}; try again") from None
+            time.sleep(random.uniform(0.01, 0.05) * attempt)
+    history = storage.join(model_url(root, name), "aliases", f"{alias}.history", f"{record['change']}.json")
     storage.create_bytes(history, json.dumps(record, sort_keys=True).encode())
-    storage.write_text(url, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

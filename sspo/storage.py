@@ -13,8 +13,10 @@ throttling answers) are retried with exponential backoff a bounded number of tim
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from sspo import faults
 from sspo.errors import SSPOError
 
 MANIFEST = "manifest.json"
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 
 class PublishConflict(SSPOError):
     """Another writer published (or is publishing) the same URL."""
+
+
+class ConcurrentChange(SSPOError):
+    """Another writer changed an object between our reading it and our conditional write of it."""
 
 
 def is_local(url: str) -> bool:
@@ -121,14 +128,68 @@ def filesystem(url: str):
         path, repo, rev = parse_dvc_url(url)
         return dvc_filesystem(repo, rev), path
     try:
-        return url_to_fs(str(url))
+        fs, path = url_to_fs(str(url))
     except (ImportError, ValueError) as err:
         raise SSPOError(f"cannot open {url}: {err}") from err
+    if getattr(fs, "async_impl", False):
+        ignore_orphaned_body_writers(fs.loop)
+    return fs, path
+
+
+def ignore_orphaned_body_writers(loop) -> None:
+    """Keep aiohttp's orphaned request-body writers out of the error output of fsspec's I/O loop.
+
+    For an upload aiohttp writes the body in a task of its own (`ClientRequest.write_bytes`). When the connection
+    drops before that task starts (a pooled connection the server closed), the task fails and closes the connection,
+    the request then fails on its response side and is retried or reported through sspo's retry, and nobody awaits
+    the writer: when it is collected asyncio logs "Task exception was never retrieved" with a traceback, once per
+    such request. Only those tasks, and only with connection errors, are dropped here (at debug level); everything
+    else reaches the handler that was there before, or asyncio's default one.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "ignores_orphaned_body_writers", False):
+        return
+
+    def handler(loop, context):
+        from aiohttp import ClientConnectionError
+
+        task, error = context.get("future"), context.get("exception")
+        coroutine = task.get_coro() if isinstance(task, asyncio.Task) else None
+        if (getattr(coroutine, "__qualname__", "") == "ClientRequest.write_bytes"
+                and isinstance(error, (ClientConnectionError, OSError))):
+            log.debug("ignored the failed body writer of a request that failed on its own: %r", error)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.ignores_orphaned_body_writers = True
+    loop.set_exception_handler(handler)
 
 
 def require_writable(url: str) -> None:
     if is_dvc(url):
         raise SSPOError(f"{url}: dvc:// URLs are read-only; write to a path or s3:// URL and track it with DVC")
+
+
+def is_s3(fs) -> bool:
+    return "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+
+def require_bucket(url: str) -> None:
+    """The bucket of an s3:// URL must exist: a mistyped bucket is an error, never an empty store or a new bucket."""
+    fs, path = filesystem(url)
+    if not is_s3(fs):
+        return
+    from botocore.exceptions import ParamValidationError
+
+    bucket = path.split("/", 1)[0]
+    try:
+        retry(lambda: fs.call_s3("head_bucket", Bucket=bucket), f"checking the bucket of {url}")
+    except FileNotFoundError:
+        raise SSPOError(f"{url}: the bucket {bucket!r} does not exist") from None
+    except ParamValidationError:
+        raise SSPOError(f"{url}: {bucket!r} is not a bucket name; use s3://<bucket>/<path>") from None
 
 
 def is_transient(err: BaseException) -> bool:
@@ -149,14 +210,28 @@ def is_transient(err: BaseException) -> bool:
     return err.__cause__ is not None and is_transient(err.__cause__)
 
 
+def credentials_problem(err: BaseException) -> str | None:
+    """What is wrong with the credentials when `err` says access was refused or impossible; None otherwise."""
+    from botocore.exceptions import NoCredentialsError
+
+    if isinstance(err, PermissionError):
+        return f"access denied ({err}); check the credentials and permissions for it"
+    if isinstance(err, NoCredentialsError):
+        return f"{err}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    return None
+
+
 def retry(action, what: str):
-    """`action()`, retried with exponential backoff (and jitter) while it fails with a transient error."""
+    """`action()`, retried with exponential backoff (and jitter) while it fails with a transient error. A refused
+    access (wrong or missing credentials, a bucket policy) is reported in one line that names `what` was tried."""
     attempts = max(1, int(os.environ.get(RETRY_ATTEMPTS_ENV, "5")))
     delay = float(os.environ.get(RETRY_DELAY_ENV, "0.5"))
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except Exception as err:
+            if problem := credentials_problem(err):
+                raise SSPOError(f"{what}: {problem}") from err
             if not is_transient(err):
                 raise
             if attempt == attempts:
@@ -185,7 +260,10 @@ def read_bytes(url: str) -> bytes:
 
 
 def read_text(url: str) -> str:
-    return read_bytes(url).decode()
+    try:
+        return read_bytes(url).decode()
+    except UnicodeDecodeError as err:
+        raise SSPOError(f"{url} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
 
 
 def read_json(url: str):
@@ -233,6 +311,83 @@ def create_bytes(url: str, data: bytes) -> bool:
         staged.write(data)
         staged.flush()
         return retry(lambda: create_file(fs, Path(staged.name), path), f"creating {url}")
+
+
+def read_for_update(url: str) -> tuple[bytes | None, str | None]:
+    """The object at `url` (None when there is none) and a token naming this state of it for `write_if_unchanged`:
+    its S3 ETag, else its sha256. ConcurrentChange when it changes while being read."""
+    fs, path = filesystem(url)
+    if is_s3(fs):
+        from s3fs.utils import FileExpired
+
+        def read():
+            fs.invalidate_cache(path)
+            try:
+                with fs.open(path, "rb") as f:  # its reads are conditional on the ETag it reports
+                    return f.read(), f.details["ETag"]
+            except FileNotFoundError:
+                return None, None
+            except FileExpired:  # not retried (it would be, as EBUSY): it means read again for a new token
+                raise ConcurrentChange(f"{url} changed while it was read") from None
+
+        return retry(read, f"reading {url}")
+
+    def read():
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    data = retry(read, f"reading {url}")
+    return data, None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def write_if_unchanged(url: str, data: bytes, token: str | None) -> None:
+    """Replace the object at `url` with `data` only if it is still in the state `token` names (None: absent), as
+    `read_for_update` returned it; ConcurrentChange when another writer changed it in between.
+
+    On S3 a PUT conditional on the ETag (If-Match, or If-None-Match: * for a new object); in a local folder the
+    comparison and an atomic replace under an exclusive flock (released even when the holder dies). Other stores
+    have no conditional write: there the last writer wins.
+    """
+    require_writable(url)
+    fs, path = filesystem(url)
+    if is_s3(fs):
+        condition = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
+        try:
+            retry(lambda: fs.pipe_file(path, data, **condition), f"writing {url}")
+        except OSError as err:
+            if not is_precondition_failure(err):
+                raise
+            raise ConcurrentChange(f"{url} was changed by another writer") from None
+    elif isinstance(fs, LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = hashlib.sha256(target.read_bytes()).hexdigest() if target.exists() else None
+            if current != token:
+                raise ConcurrentChange(f"{url} was changed by another writer")
+            staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+            staged.write_bytes(data)
+            os.replace(staged, target)  # readers see the old object or the new one, never a part
+    else:
+        retry(lambda: fs.pipe_file(path, data), f"writing {url}")
+
+
+def is_precondition_failure(err: BaseException) -> bool:
+    """S3 refused a conditional write: the object is not in the state the condition named (412), or another
+    conditional write to it was in progress (409)."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, FileExistsError):  # s3fs's name for a failed If-None-Match
+        return True
+    cause = err.__cause__
+    if not isinstance(cause, ClientError):
+        return False
+    response = cause.response or {}
+    return (response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict")
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412))
 
 
 def sha256_file(path: Path) -> str:
@@ -405,7 +560,10 @@ def publish_dir(local_dir: Path, url: str, extra: dict | None = None, *, exclusi
     if retry(lambda: fs.exists(join(remote, MANIFEST)), f"checking {url}"):
         raise PublishConflict(f"{url} already exists; outputs are never overwritten")
     if not (is_local(url) and local_path(url).resolve() == local_dir.resolve()):
-        retry(lambda: fs.makedirs(remote, exist_ok=True), f"creating {url}")
+        if is_s3(fs):
+            require_bucket(url)  # S3 has no folders to create, and s3fs's makedirs would create a missing bucket
+        else:
+            retry(lambda: fs.makedirs(remote, exist_ok=True), f"creating {url}")
         for name, entry in manifest["files"].items():
             target = join(remote, name)
             if isinstance(fs, LocalFileSystem):
@@ -420,11 +578,13 @@ def publish_dir(local_dir: Path, url: str, extra: dict | None = None, *, exclusi
                     )
             else:
                 retry(lambda: fs.put_file(str(local_dir / name), target), f"uploading {name} to {url}")
+            faults.point("publish-file-uploaded")  # crash windows for the fault tests (sspo.faults)
         if verify:
             for name, entry in manifest["files"].items():
                 target = join(remote, name)
                 if retry(lambda: remote_digest(fs, target), f"reading {target}") != (entry["sha256"], entry["bytes"]):
                     raise SSPOError(f"{url}: {name} differs from the local file after upload; nothing was published")
+    faults.point("publish-manifest-next")
     payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
     manifest_url = join(url, MANIFEST)
     if not create_bytes(manifest_url, payload) and read_bytes(manifest_url) != payload:

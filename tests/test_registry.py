@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -187,3 +189,165 @@ def test_replay_pool_draws_a_checkpoint_from_s3(s3_root, trained_run, base_model
 
     with pytest.raises(SSPOError, match="holds full UNet weights, but this run needs a LoRA adapter"):
         run_train(config.load("train", None, {**tiny, "output": str(tmp_path / "lora"), "lora_rank": 4}))
+
+
+# -- bad inputs, missing buckets, refused credentials, dropped connections and concurrent promotions, through the
+# CLI: each ends in exit 2 and one line, publishes nothing and moves no alias
+
+
+def tiny_data(directory: Path) -> str:
+    """Prepared data as register reads it: a folder with a manifest."""
+    directory.mkdir(parents=True)
+    (directory / "shard.txt").write_text("pairs")
+    return storage.publish_dir(directory, str(directory))
+
+
+def assert_one_error_line(code: int, err: str, stage: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sspo {stage}: error: "), err
+    return lines[0]
+
+
+def registry_state(capsys, root: str) -> dict:
+    code, out, err = sspo(capsys, "registry", "list", "--registry", root)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_register_checks_names_and_urls_before_publishing(s3_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml: only the flags given here
+    checkpoint, data = fake_checkpoint(tmp_path / "run", 1000), tiny_data(tmp_path / "data")
+    for root in (s3_root, str(tmp_path / "registry")):
+        register = ["register", "--registry", root, "--name", "toy", "--checkpoint", checkpoint, "--data", data]
+        assert sspo(capsys, *register, "--alias", "candidate")[0] == 0
+        before = registry_state(capsys, root)
+        for flags, message in ((["--alias", "../../evil"], "invalid alias '../../evil'"),
+                               (["--version", "../2"], "invalid version '../2'"),
+                               (["--output", "dvc://runs/registered.json"], "dvc:// URLs are read-only"),
+                               (["--output", "s3://nosuchbucket/registered.json"], "'nosuchbucket' does not exist"),
+                               (["--metrics", tmp_path / "missing.json"], "not found")):
+            line = assert_one_error_line(*sspo(capsys, *register, *flags)[::2], "register")
+            assert message in line
+            assert registry_state(capsys, root) == before == {"toy": {"versions": ["1"], "aliases": {"candidate": "1"}}}
+
+
+def test_a_missing_bucket_is_an_error_for_every_registry_command(s3, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = "s3://nosuchbucket/registry"
+    checkpoint, data = fake_checkpoint(tmp_path / "run", 1000), tiny_data(tmp_path / "data")
+    for command in (["registry", "list", "--registry", root],
+                    ["registry", "list", "--registry", root, "--name", "toy"],
+                    ["registry", "show", "--registry", root, "--name", "toy", "--version", "1"],
+                    ["registry", "promote", "--registry", root, "--name", "toy", "--version", "1", "--alias", "prod"],
+                    ["registry", "pull", "--registry", root, "--name", "toy", "--alias", "prod", "--output", "out"],
+                    ["register", "--registry", root, "--name", "toy", "--checkpoint", checkpoint, "--data", data],
+                    ["registry", "publish", "--registry", root, "--name", "toy", "--checkpoint", checkpoint,
+                     "--data", data]):
+        line = assert_one_error_line(*sspo(capsys, *command)[::2], command[0])
+        assert "the bucket 'nosuchbucket' does not exist" in line
+    assert "nosuchbucket" not in [bucket["Name"] for bucket in s3.client().list_buckets()["Buckets"]]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_credentials_end_in_one_line(s3, s3_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint, data = fake_checkpoint(tmp_path / "run", 1000), tiny_data(tmp_path / "data")
+    register = ["register", "--registry", s3_root, "--name", "toy", "--checkpoint", checkpoint, "--data", data]
+    assert sspo(capsys, *register, "--alias", "production")[0] == 0
+    assert sspo(capsys, *register, "--alias", "")[0] == 0
+    before = registry_state(capsys, s3_root)
+    with s3.reject_credentials():
+        for command in (["registry", "list", "--registry", s3_root],
+                        ["registry", "show", "--registry", s3_root, "--name", "toy", "--alias", "production"],
+                        ["registry", "promote", "--registry", s3_root, "--name", "toy", "--version", "2",
+                         "--alias", "production"],
+                        ["registry", "pull", "--registry", s3_root, "--name", "toy", "--version", "1",
+                         "--output", "pulled"],
+                        register,
+                        ["register", "--registry", str(tmp_path / "local"), "--name", "toy",
+                         "--checkpoint", f"{s3_root}/toy/versions/1", "--data", data]):
+            line = assert_one_error_line(*sspo(capsys, *command)[::2], command[0])
+            assert "s3://" in line and "access denied" in line
+    assert registry_state(capsys, s3_root) == before == {"toy": {"versions": ["1", "2"],
+                                                                 "aliases": {"production": "1"}}}
+    assert not (tmp_path / "pulled").exists() and not (tmp_path / "local").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError no stage anticipated (here ENOSPC, from /dev/full) is one line, not a traceback. The output
+    record is written last, once the version it names exists, so the version stays published."""
+    monkeypatch.chdir(tmp_path)
+    root = str(tmp_path / "registry")
+    line = assert_one_error_line(*sspo(capsys, "register", "--registry", root, "--name", "toy", "--alias", "",
+                                       "--checkpoint", fake_checkpoint(tmp_path / "run", 1000),
+                                       "--data", tiny_data(tmp_path / "data"), "--output", "/dev/full")[::2],
+                                 "register")
+    assert "No space left on device" in line
+    assert registry.list_versions(root, "toy") == ["1"]
+
+
+def test_a_dropped_connection_gives_one_line_and_no_asyncio_tracebacks(s3, s3_root, tmp_path):
+    """The server crashes in the middle of `sspo register` and what is left on its port accepts connections and
+    drops them. Each upload sent on such a connection used to leave an aiohttp body writer whose failure nobody
+    retrieved: asyncio printed "Task exception was never retrieved" and a traceback for each."""
+    checkpoint, data = fake_checkpoint(tmp_path / "run", 1 << 20), tiny_data(tmp_path / "data")
+    version_prefix = f"/{s3_root.removeprefix('s3://')}/toy/versions/1/"
+    s3.crash_after(lambda method, path: method == "PUT" and path.startswith(version_prefix), keep_accepting=True)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sspo", "register", "--registry", s3_root, "--name", "toy",
+                                 "--checkpoint", checkpoint, "--data", data, "--alias", "candidate"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        s3.start()
+    assert result.returncode == 2, result.stderr
+    assert "never retrieved" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()  # retry warnings, then the error
+    assert [line for line in lines if line.startswith("sspo ")] == lines[-1:], result.stderr
+    assert lines[-1].startswith("sspo register: error: uploading "), result.stderr
+    assert registry.list_versions(s3_root, "toy") == [] and registry.list_aliases(s3_root, "toy") == {}
+
+
+def promotions_chain(root: str, records: list[dict]) -> None:
+    """The alias history is one chain in which every change replaced the one before it, and the record each
+    promoter got back is its own change in that chain."""
+    history = registry.alias_history(root, "toy", "production")
+    assert [change["previous"] for change in history] == [None] + [change["version"] for change in history[:-1]]
+    assert sorted(history, key=lambda change: change["change"]) == sorted(records, key=lambda r: r["change"])
+    assert registry.read_alias(root, "toy", "production") == history[-1]
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_concurrent_promotions_each_replace_the_version_they_name(where, s3_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = s3_root if where == "s3" else str(tmp_path / "registry")
+    checkpoint, data = fake_checkpoint(tmp_path / "run", 1000), tiny_data(tmp_path / "data")
+    for _ in range(3):
+        assert sspo(capsys, "register", "--registry", root, "--name", "toy", "--checkpoint", checkpoint,
+                    "--data", data, "--alias", "")[0] == 0
+    versions = ["1", "2", "3"] * 3
+
+    start, records = threading.Barrier(len(versions)), []
+
+    def promote(version):
+        start.wait()
+        records.append(registry.set_alias(root, "toy", "production", version))
+
+    threads = [threading.Thread(target=promote, args=(version,)) for version in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(records) == len(versions)
+    promotions_chain(root, records)
+
+    # separate processes through the CLI, each printing what it replaced
+    promoters = [subprocess.Popen([sys.executable, "-m", "sspo", "registry", "promote", "--registry", root,
+                                   "--name", "toy", "--version", version, "--alias", "production"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for version in ["1", "2", "3", "2"]]
+    outputs = [promoter.communicate(timeout=300) for promoter in promoters]
+    assert [promoter.returncode for promoter in promoters] == [0] * len(promoters), outputs
+    promotions_chain(root, records + [json.loads(out) for out, _ in outputs])

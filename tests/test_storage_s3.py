@@ -97,3 +97,33 @@ def test_dvc_urls_route_to_the_dvc_filesystem(tmp_path):
         storage.exists(storage.dvc_url("weights", str(repo), "no-such-rev"))
     with pytest.raises(SSPOError, match="bad DVC URL"):
         storage.exists("dvc://weights?revision=HEAD")
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_write_if_unchanged_refuses_a_stale_token(where, prefix, tmp_path):
+    url = f"{prefix}/alias.json" if where == "s3" else str(tmp_path / "aliases" / "alias.json")
+    assert storage.read_for_update(url) == (None, None)
+    storage.write_if_unchanged(url, b"first", None)
+    with pytest.raises(storage.ConcurrentChange):  # it exists now: a create is refused
+        storage.write_if_unchanged(url, b"second", None)
+    data, token = storage.read_for_update(url)
+    assert data == b"first"
+    storage.write_if_unchanged(url, b"second", token)
+    with pytest.raises(storage.ConcurrentChange):  # token names "first", which was replaced
+        storage.write_if_unchanged(url, b"third", token)
+    assert storage.read_for_update(url)[0] == b"second"
+
+
+def test_train_with_refused_s3_credentials_ends_in_one_line(s3, prefix, base_model, tmp_path, capsys, monkeypatch):
+    """Every stage reads through the storage helpers, so a refused access is one line everywhere."""
+    from sspo.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml
+    with s3.reject_credentials():
+        code = main(["train", "--model", base_model, "--data", f"{prefix}/prepared", "--output", "run",
+                     "--steps", "1", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("sspo train: error: ") and "access denied" in err, err
+    assert f"{prefix}/prepared" in err
+    assert not (tmp_path / "run").exists()
