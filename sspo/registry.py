@@ -40,13 +40,13 @@ from sspo.errors import SSPOError
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, config_of_checkpoint, resolve_checkpoint
 
 LINEAGE = "lineage.json"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 AUTO_VERSION_TRIES = 5
 ALIAS_TRIES = 10  # compare-and-swap attempts of one alias change; each conflict means another promoter got in first
 
 
 def check_name(kind: str, value: str) -> str:
-    if not SAFE_NAME.match(value or ""):
+    if not SAFE_NAME.fullmatch(value or ""):
         raise SSPOError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-' (not first)")
     return value
 
@@ -168,6 +168,19 @@ def check_destinations(cfg: RegisterConfig) -> None:
     for url in filter(None, (cfg.registry, cfg.output)):
         storage.require_writable(url)
         storage.require_bucket(url)
+    if cfg.output:
+        storage.require_writable_file(cfg.output)
+
+
+def require_finite_weights(weights_file: Path, checkpoint: str) -> None:
+    """A diverged run's NaN or inf weights must never become a version (torch is imported only here)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as weights:
+        for name in weights.keys():
+            if not weights.get_tensor(name).isfinite().all():
+                raise SSPOError(f"{checkpoint}: the weight {name} holds NaN or inf values; a diverged model is not "
+                                "registered")
 
 
 def register(cfg: RegisterConfig) -> dict:
@@ -177,6 +190,7 @@ def register(cfg: RegisterConfig) -> dict:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     source = storage.fetch_dir(checkpoint)
     storage.verify_dir(source)
+    require_finite_weights(source / CHECKPOINT_WEIGHTS, checkpoint)
     info = json.loads((source / CHECKPOINT_INFO).read_text())
     made_from = lineage(cfg, checkpoint, info)
     with tempfile.TemporaryDirectory(prefix=".sspo-register-") as staging:

@@ -176,6 +176,24 @@ def is_s3(fs) -> bool:
     return "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
 
 
+def require_writable_file(url: str) -> None:
+    """A local file path that a file can be written to (checked before work that must not be wasted): not a folder,
+    below folders only, each name short enough."""
+    if not is_local(url):
+        return
+    path = local_path(url).absolute()
+    if path.is_dir():
+        raise SSPOError(f"{url} is a folder; give the path of a file")
+    too_long = [part for part in path.parts if len(part.encode()) > 255]
+    if too_long:
+        raise SSPOError(f"{url}: the name {too_long[0][:40]}... is longer than 255 bytes")
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        raise SSPOError(f"{url}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise SSPOError(f"{url}: {existing} is not writable")
+
+
 def require_bucket(url: str) -> None:
     """The bucket of an s3:// URL must exist: a mistyped bucket is an error, never an empty store or a new bucket."""
     fs, path = filesystem(url)
@@ -288,18 +306,21 @@ def create_file(fs, local_file: Path, remote: str) -> bool:
     if isinstance(fs, LocalFileSystem):
         Path(remote).parent.mkdir(parents=True, exist_ok=True)
         staged = Path(remote).with_name(f".{Path(remote).name}.{uuid.uuid4().hex}.partial")
-        shutil.copyfile(local_file, staged)
         try:
+            shutil.copyfile(local_file, staged)
             os.link(staged, remote)  # atomic, and fails if the name exists
         except FileExistsError:
             return False
         finally:
-            staged.unlink()
+            staged.unlink(missing_ok=True)
         return True
     try:
         fs.put_file(str(local_file), remote, mode="create")
     except FileExistsError:
         return False
+    except NotImplementedError:
+        raise SSPOError(f"{remote}: this storage cannot create a file only where none exists, which publishing "
+                        "needs; use a local path or s3://") from None
     return True
 
 

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -11,7 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 from s3server import BUCKET
 
 from sspo import config, registry, storage
@@ -351,3 +354,21 @@ def test_concurrent_promotions_each_replace_the_version_they_name(where, s3_root
     outputs = [promoter.communicate(timeout=300) for promoter in promoters]
     assert [promoter.returncode for promoter in promoters] == [0] * len(promoters), outputs
     promotions_chain(root, records + [json.loads(out) for out, _ in outputs])
+
+
+def test_non_finite_weights_and_names_ending_in_a_newline_are_refused(trained_run, prepared, tmp_path, capsys):
+    diverged = tmp_path / "diverged"
+    shutil.copytree(resolve_checkpoint(trained_run), diverged)
+    weights = load_file(diverged / "unet.safetensors")
+    save_file({name: torch.full_like(tensor, math.nan) for name, tensor in weights.items()},
+              str(diverged / "unet.safetensors"))
+    (diverged / "manifest.json").write_text(json.dumps(storage.write_manifest(diverged)))
+    root = str(tmp_path / "registry")
+    code, _, err = sspo(capsys, "register", "--params", "", "--registry", root, "--name", "toy", "--checkpoint",
+                        diverged, "--data", prepared)
+    assert code == 2 and "holds NaN or inf values" in err and "Traceback" not in err
+    for flag in ("--name", "--alias"):
+        code, _, err = sspo(capsys, "register", "--params", "", "--registry", root, "--name", "toy",
+                            "--checkpoint", trained_run, "--data", prepared, flag, "x\n")
+        assert code == 2 and "invalid" in err
+    assert registry.list_versions(root, "toy") == []

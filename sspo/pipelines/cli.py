@@ -179,7 +179,7 @@ def check_pipeline_only_parameters(values: dict) -> None:
     def invalid(name: str, rule: str) -> SSPOError:
         return SSPOError(f"invalid pipeline parameter: {name}={values[name]!r}: {name} {rule}")
 
-    if not SAFE_NAME.match(values["model_name"]):
+    if not SAFE_NAME.fullmatch(values["model_name"]):
         raise invalid("model_name", "must use letters, digits, '.', '_' and '-' (not first)")
     if not 0.0 <= values["min_win_rate"] <= 1.0:
         raise invalid("min_win_rate", "must be between 0 and 1")
