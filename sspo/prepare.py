@@ -17,9 +17,7 @@ import io
 import json
 import logging
 import math
-import os
 import posixpath
-import re
 import struct
 import tempfile
 import warnings
@@ -33,8 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sspo import storage
 from sspo.config import PrepareConfig
@@ -280,7 +277,7 @@ class ShardWriter:
         stacked = {role: np.stack([images[i] for images, _, _ in self.pending]) for i, role in enumerate(roles)}
         # Channel-first copies: safetensors stores raw memory, so a permuted view must be made contiguous.
         tensors = {role: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous() for role, array in stacked.items()}
-        save_tensors(tensors, self.directory / f"{name}.safetensors")
+        storage.save_tensors(tensors, self.directory / f"{name}.safetensors")
         with open(self.directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for _, caption, split in self.pending:
                 line = {"caption": caption} if split is None else {"caption": caption, "split": split}
@@ -294,19 +291,6 @@ class ShardWriter:
         if self.pending:
             self.flush()
         return self.shards
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file, except that a failed write raises OSError like any other file write: safetensors reports it as
-    SafetensorError, with the OS error number only in its message."""
-    try:
-        save_file(tensors, str(path))
-    except SafetensorError as err:
-        found = re.search(r"os error (\d+)", str(err))
-        if found is None:
-            raise
-        code = int(found[1])
-        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def file_reader(fs, path: str) -> Callable[[], bytes | None]:

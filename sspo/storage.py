@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -538,6 +539,22 @@ def output_folder(url: str):
     with tempfile.TemporaryDirectory(prefix="sspo-output-") as folder:
         yield Path(folder)
         upload_files(Path(folder), url, sorted(p.name for p in Path(folder).iterdir() if p.is_file()))
+
+
+def save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, except that a failed write raises OSError like any other file write (a full disk is
+    then one line): safetensors reports it as SafetensorError, with the OS error number only in its message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def write_manifest(directory: Path, extra: dict | None = None) -> dict:

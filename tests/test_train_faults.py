@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from failure_tools import assert_one_line_error, needs_root, sspo_on_full_disk
 from safetensors.torch import load_file
 
 from sspo.run_store import RunStore
@@ -96,3 +97,14 @@ def test_a_resume_refuses_settings_that_change_the_run(base_model, prepared, tmp
     resumed = sspo_train(tmp_path, steps=4, **{**run, "save_every": 4, "replay_cache_size": 3})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert RunStore(str(tmp_path / "runs/l1")).latest_checkpoint().endswith("step-0000004")
+
+
+@needs_root
+def test_a_full_disk_stops_training_in_one_line_and_publishes_no_checkpoint(base_model, prepared, tmp_path):
+    disk = tmp_path / "disk"
+    result, left = sspo_on_full_disk(disk, "1m", "train", "--params", "", "--model", base_model, "--data", prepared,
+                                     "--output", str(disk / "run"), "--steps", "2", "--save-every", "1",
+                                     "--batch-size", "2", "--sample-steps", "1", "--lr-warmup-steps", "0")
+    assert_one_line_error(result.stderr, "train", "No space left on device")
+    assert result.returncode == 2
+    assert not [path for path in left if path.endswith("manifest.json")], left

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from sspo import faults
+from sspo import faults, storage
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -27,7 +27,7 @@ def write_checkpoint(
     directory: Path, weights: dict, info: dict, optimizer_state: dict, training_state: dict
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / CHECKPOINT_WEIGHTS))
+    storage.save_tensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, directory / CHECKPOINT_WEIGHTS)
     (directory / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     faults.point("checkpoint-weights-written")  # a crash mid-write, for the fault tests
     tensors, scalars = {}, {}
@@ -37,7 +37,7 @@ def write_checkpoint(
                 tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{param_id}.{name}"] = value
-    save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+    storage.save_tensors(tensors, directory / OPTIMIZER_TENSORS)
     state = {**training_state, "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars}}
     (directory / TRAINING_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
