@@ -174,13 +174,16 @@ def check_destinations(cfg: RegisterConfig) -> None:
 
 def require_finite_weights(weights_file: Path, checkpoint: str) -> None:
     """A diverged run's NaN or inf weights must never become a version (torch is imported only here)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights_file), framework="pt") as weights:
-        for name in weights.keys():
-            if not weights.get_tensor(name).isfinite().all():
-                raise SSPOError(f"{checkpoint}: the weight {name} holds NaN or inf values; a diverged model is not "
-                                "registered")
+    try:
+        with safe_open(str(weights_file), framework="pt") as weights:
+            for name in weights.keys():
+                if not weights.get_tensor(name).isfinite().all():
+                    raise SSPOError(f"{checkpoint}: the weight {name} holds NaN or inf values; a diverged model is "
+                                    "not registered")
+    except SafetensorError as err:
+        raise SSPOError(f"{checkpoint}: {weights_file.name} is not a safetensors file ({err})") from None
 
 
 def register(cfg: RegisterConfig) -> dict:

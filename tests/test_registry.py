@@ -3,7 +3,6 @@
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def fake_checkpoint(directory: Path, weight_bytes: int) -> str:
     """A checkpoint folder whose weights file is big enough for an upload to be cut in the middle."""
     staging = directory / "staging"
     staging.mkdir(parents=True)
-    (staging / "unet.safetensors").write_bytes(os.urandom(weight_bytes))
+    save_file({"weight": torch.rand(max(1, weight_bytes // 4))}, str(staging / "unet.safetensors"))
     (staging / "checkpoint.json").write_text(json.dumps({"kind": "full", "step": 1, "lora_rank": 0}))
     return storage.publish_dir(staging, str(staging))
 
@@ -141,19 +140,26 @@ def test_server_crash_mid_publish_leaves_no_version_and_a_retry_succeeds(s3, s3_
     prefix = f"{s3_root.removeprefix(f's3://{BUCKET}/')}/toy/versions/1/"
     client = s3.client()
 
+    registering = threading.Event()
+
     def crash_after_first_object():
         while not client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount"):
+            if not registering.is_set():  # register ended before uploading anything: let the test say why
+                return
             time.sleep(0.005)
         s3.stop()
 
+    registering.set()
     watcher = threading.Thread(target=crash_after_first_object)
     watcher.start()
     try:
         with pytest.raises(SSPOError, match="failed after 3 attempts"):
             registry.register(register_config(s3_root, checkpoint, prepared, version="1"))
     finally:
+        registering.clear()
         watcher.join()
-        s3.start()
+        if not s3.running:
+            s3.start()
     s3.ensure_bucket()
     left = [o["Key"].removeprefix(prefix) for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
     assert left and "manifest.json" not in left and "unet.safetensors" not in left
