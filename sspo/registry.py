@@ -64,14 +64,12 @@ def alias_url(root: str, name: str, alias: str) -> str:
 
 
 def _children(url: str) -> list[str]:
-    """Names of the entries directly below `url` (none if it does not exist)."""
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache(path)
-    if not storage.retry(lambda: fs.exists(path), f"checking {url}"):
+    """Names of the entries directly below `url` (none if it does not exist, as long as its bucket does)."""
+    names = storage.list_names(url)
+    if names is None:
         storage.require_bucket(url)
         return []
-    entries = storage.retry(lambda: fs.ls(path, detail=False), f"listing {url}")
-    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+    return names
 
 
 def _version_order(version: str):

@@ -46,13 +46,7 @@ def run_of_checkpoint(checkpoint: str) -> str:
 def latest_checkpoint(run_url: str) -> str | None:
     """The highest-step checkpoint of the run whose manifest exists (i.e. completely published)."""
     checkpoints_url = storage.join(run_url, CHECKPOINTS)
-    fs, path = storage.filesystem(checkpoints_url)
-    fs.invalidate_cache(path)
-    if not storage.retry(lambda: fs.exists(path), f"checking {checkpoints_url}"):
-        return None
-    entries = storage.retry(lambda: fs.ls(path, detail=False), f"listing {checkpoints_url}")
-    names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
-    published = [name for name in names
+    published = [name for name in storage.list_names(checkpoints_url) or []
                  if name.startswith("step-") and storage.is_published(storage.join(checkpoints_url, name))]
     return storage.join(checkpoints_url, published[-1]) if published else None
 

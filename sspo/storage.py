@@ -265,6 +265,16 @@ def exists(url: str) -> bool:
     return retry(lambda: fs.exists(path), f"checking {url}")
 
 
+def list_names(url: str) -> list[str] | None:
+    """Sorted names of the entries directly below the folder `url`, freshly listed; None when it does not exist."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    if not retry(lambda: fs.exists(path), f"checking {url}"):
+        return None
+    entries = retry(lambda: fs.ls(path, detail=False), f"listing {url}")
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+
 def is_published(url: str) -> bool:
     """Whether the folder at `url` is complete: its manifest, written last, exists."""
     return exists(join(url, MANIFEST))
