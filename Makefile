@@ -37,4 +37,4 @@ faults: setup
 	$(BIN)/python bench/faults.py
 
 clean-demo:
-	rm -rf data/world data/prepared models/base runs/sspo runs/registered.json eval/sspo
+	rm -rf data/world data/prepared models/base runs/sspo runs/registered.json eval/sspo models/exported

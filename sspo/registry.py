@@ -6,6 +6,7 @@ Layout under a registry root:
     <root>/<name>/versions/<version>/     unet.safetensors, checkpoint.json, lineage.json, manifest.json
     <root>/<name>/aliases/<alias>.json    {"name", "alias", "version", "url", "updated_at", "previous", "change"}
     <root>/<name>/aliases/<alias>.history/<change>.json   one object per change, never overwritten
+    <root>/<name>/exports/<version>/      the version as a diffusers folder with a model card (the pipeline's export)
 
 A version folder is a checkpoint folder, so its URL works wherever a checkpoint URL does (evaluate --checkpoint,
 train --replay-from). Its files are uploaded with conditional creates, read back and checked, and the manifest is
@@ -57,6 +58,12 @@ def model_url(root: str, name: str) -> str:
 
 def version_url(root: str, name: str, version: str) -> str:
     return storage.join(model_url(root, name), "versions", check_name("version", version))
+
+
+def export_url(root: str, name: str, version: str) -> str:
+    """Where the pipeline exports a version (`sspo export`): beside the versions, never inside one, which is
+    immutable."""
+    return storage.join(model_url(root, name), "exports", check_name("version", version))
 
 
 def alias_url(root: str, name: str, alias: str) -> str:

@@ -40,6 +40,8 @@ def run_prepare(cfg: config.PrepareConfig) -> dict:
         on_error=cfg.on_error,
         limit=cfg.limit or None,
         max_pixels=cfg.max_pixels,
+        encode_with=cfg.encode_with,
+        encode_batch_size=cfg.encode_batch_size,
     )
 
 
@@ -67,6 +69,14 @@ def run_evaluate(cfg: config.EvaluateConfig) -> dict:
     return {"output": cfg.output}
 
 
+def run_export(cfg: config.ExportConfig) -> dict:
+    from sspo.export import export
+
+    result = export(cfg)
+    print(json.dumps(result))
+    return result
+
+
 def run_experiment(cfg: config.ExperimentConfig) -> dict:
     from sspo.experiment import run_experiment as experiment
 
@@ -83,5 +93,6 @@ RUNNERS = {
     "train": run_train,
     "register": run_register,
     "evaluate": run_evaluate,
+    "export": run_export,
     "experiment": run_experiment,
 }

@@ -16,7 +16,8 @@ from sspo import config, storage
 from sspo.stages import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("data/world", "models/base", "data/prepared", "runs/sspo", "runs/registered.json", "eval/sspo")
+OUTPUTS = ("data/world", "models/base", "data/prepared", "runs/sspo", "runs/registered.json", "eval/sspo",
+           "models/exported")
 TINY_PARAMS = {
     "world": {"samples_per_scene": 2},
     "bootstrap": {"vae_steps": 20, "vae_batch_size": 8, "unet_steps": 20, "unet_batch_size": 8},
@@ -73,6 +74,8 @@ def test_repro_push_pull_and_replay_from_a_dvc_path(dvc_repo, tmp_path):
     record = json.loads((repo / "runs" / "registered.json").read_text())
     assert record["version"] == "1" and record["alias"] == "candidate"
     assert (repo / "eval" / "sspo" / "table.md").read_text().startswith("| model |")
+    card = (repo / "models" / "exported" / "README.md").read_text()
+    assert "version: '1'" in card and "samples/grid-heldout.png" in card
     metrics = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     assert "runs/sspo/metrics.json" in json.dumps(metrics)
     plots = json.loads(run(repo, "dvc", "plots", "show", "--json"))
@@ -84,7 +87,7 @@ def test_repro_push_pull_and_replay_from_a_dvc_path(dvc_repo, tmp_path):
     run(repo, "dvc", "push")
     wipe(repo)
     run(repo, "dvc", "pull")
-    for output in ("data/world", "models/base", "data/prepared", "eval/sspo"):
+    for output in ("data/world", "models/base", "data/prepared", "eval/sspo", "models/exported"):
         storage.verify_dir(repo / output)
     assert "up to date" in run(repo, "dvc", "status", "dvc.yaml").lower()
 

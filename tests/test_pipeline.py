@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from sspo import cli, registry
+from sspo import cli, registry, storage
 from sspo.config import STAGES, coerce, field_types
 from sspo.errors import SSPOError
 from sspo.evaluate.results import Evaluation, WinRate
@@ -40,7 +40,7 @@ def upstream(dag) -> dict[str, set[str]]:
     return {name: set(task.dependent_tasks) for name, task in dag.tasks.items()}
 
 
-def test_dag_runs_the_stages_in_order_and_promotes_only_behind_the_gate(compiled):
+def test_dag_runs_the_stages_in_order_and_promotes_and_exports_only_behind_the_gate(compiled):
     spec, _ = compiled
     root = upstream(spec.root.dag)
     assert root["prepare"] == set()
@@ -51,11 +51,21 @@ def test_dag_runs_the_stages_in_order_and_promotes_only_behind_the_gate(compiled
     (branch_name,) = set(root) - {"prepare", "train", "register", "evaluate", "compare"}
     branch = spec.root.dag.tasks[branch_name]
     assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--compare-Output'] == true"
-    assert root[branch_name] == {"compare", "register"}
+    assert root[branch_name] == {"compare", "evaluate", "register"}
     inner = spec.components[branch.component_ref.name].dag.tasks
-    assert list(inner) == ["promote"]
+    (export_branch,) = set(inner) - {"promote"}
     assert inner["promote"].inputs.parameters["version"].component_input_parameter == \
         "pipelinechannel--register-version"
+    # the export runs after the promotion, only when the `export` parameter is true
+    assert upstream(spec.components[branch.component_ref.name].dag)[export_branch] == {"promote"}
+    assert inner[export_branch].trigger_policy.condition == "inputs.parameter_values['pipelinechannel--export'] == true"
+    exported = spec.components[inner[export_branch].component_ref.name].dag.tasks
+    assert list(exported) == ["export"]
+    assert exported["export"].inputs.parameters["version"].component_input_parameter == \
+        "pipelinechannel--register-version"
+    assert exported["export"].inputs.artifacts["evaluation"].component_input_artifact == \
+        "pipelinechannel--evaluate-evaluation"
+    assert spec.root.input_definitions.parameters["export"].default_value.bool_value is True
 
 
 def test_train_asks_for_a_gpu_cpu_and_memory(compiled):
@@ -76,10 +86,11 @@ def test_caching_and_retries(compiled):
     spec, _ = compiled
     tasks = dict(spec.root.dag.tasks)
     tasks.update(spec.components["comp-condition-1"].dag.tasks)
+    tasks.update(spec.components["comp-condition-2"].dag.tasks)
     assert tasks["prepare"].caching_options.enable_cache
-    for name in ("train", "register", "compare", "promote"):
+    for name in ("train", "register", "compare", "promote", "export"):
         assert not tasks[name].caching_options.enable_cache, name
-    for name in ("prepare", "register", "evaluate", "compare", "promote"):
+    for name in ("prepare", "register", "evaluate", "compare", "promote", "export"):
         retry = tasks[name].retry_policy
         assert retry.max_retry_count == pipeline.IO_RETRY["num_retries"], name
         assert retry.backoff_factor == pipeline.IO_RETRY["backoff_factor"], name
@@ -89,7 +100,8 @@ def test_caching_and_retries(compiled):
 def test_s3_credentials_come_from_the_secret_never_from_parameters(compiled):
     spec, documents = compiled
     executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{n}" for n in ("prepare", "train", "register", "evaluate", "compare", "promote")}
+    assert set(executors) == {f"exec-{n}" for n in ("prepare", "train", "register", "evaluate", "compare", "promote",
+                                                    "export")}
     for name, config in executors.items():
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == pipeline.S3_SECRET, name
@@ -289,7 +301,7 @@ def test_invalid_cron_specs_are_refused(cron):
 
 
 # Pipeline parameters that no stage config holds; sspo.pipelines.cli has their rules.
-PIPELINE_ONLY = {"promotion_split", "min_win_rate", "min_improvement"}
+PIPELINE_ONLY = {"promotion_split", "min_win_rate", "min_improvement", "export"}
 
 
 def test_every_parameter_maps_to_stage_config_fields_or_has_its_own_rules():
@@ -399,6 +411,10 @@ def test_local_pipeline_registers_evaluates_and_promotes_only_a_better_candidate
     assert 0.0 <= first["metrics"]["win_rate.oracle.heldout.rate"] <= 1.0
     assert "oracle" in Path(first["report"]).read_text()
     assert not list((tmp_path / "first" / "kfp").glob("*/evaluate/production_evaluation/metrics.json"))
+    exported = Path(registry.export_url(registry_url, "sspo", "1"))
+    storage.verify_dir(exported)
+    card = (exported / "README.md").read_text()
+    assert "- production" in card and "samples/grid-heldout.png" in card
 
     # No candidate can beat production by more than the whole score range: the gate must keep version 1.
     argv = ["pipeline", "run-local", "--workdir", str(tmp_path / "second"), "--registry", registry_url,
@@ -408,6 +424,7 @@ def test_local_pipeline_registers_evaluates_and_promotes_only_a_better_candidate
     assert cli.main(argv) == 0
     assert registry.list_versions(registry_url, "sspo") == ["1", "2"]
     assert registry.list_aliases(registry_url, "sspo") == {"candidate": "2", "production": "1"}
+    assert not Path(registry.export_url(registry_url, "sspo", "2")).exists()  # only a promoted version is exported
     evaluated = {path.parent.name: json.loads(path.read_text())["checkpoint"]
                  for path in (tmp_path / "second" / "kfp").glob("*/evaluate/*/metrics.json")}
     assert evaluated == {"evaluation": f"{registry_url}/sspo/versions/2",

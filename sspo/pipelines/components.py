@@ -28,15 +28,15 @@ def prepare(source: str, source_format: str, resolution: int, limit: int, prepar
 
 @component
 def train(model_uri: str, data: Input[Dataset], objective: str, steps: int, batch_size: int, learning_rate: float,
-          beta: float, replay: str, save_every: int, sample_steps: int, lora_rank: int, replay_from: str,
-          pushgateway: str, run: Output[Model]):
+          beta: float, replay: str, save_every: int, sampler: str, sample_steps: int, lora_rank: int,
+          replay_from: str, pushgateway: str, run: Output[Model]):
     """Fine-tune the base model; checkpoints are published below the run as they are saved, so a retried pod
     resumes from the latest one."""
     from sspo.pipelines import shell
 
     shell.run_stage("train", model=model_uri, data=data.uri, output=run.uri, objective=objective, steps=steps,
                     batch_size=batch_size, learning_rate=learning_rate, beta=beta, replay=replay,
-                    save_every=save_every, sample_steps=sample_steps, lora_rank=lora_rank,
+                    save_every=save_every, sampler=sampler, sample_steps=sample_steps, lora_rank=lora_rank,
                     replay_from=replay_from, pushgateway=pushgateway)
     shell.finish_output(run)
 
@@ -89,3 +89,12 @@ def promote(registry_url: str, model_name: str, version: str):
     from sspo.pipelines import shell
 
     shell.promote(registry_url, model_name, version)
+
+
+@component
+def export(registry_url: str, model_name: str, version: str, evaluation: Input[Artifact]) -> str:
+    """The version as a diffusers folder with a model card (its evaluation's scores and grids) in the registry's
+    exports folder; returns its URL."""
+    from sspo.pipelines import shell
+
+    return shell.export(registry_url, model_name, version, evaluation.uri)

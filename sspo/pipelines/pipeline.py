@@ -1,5 +1,5 @@
-"""The SSPO pipeline: prepare → train → register → evaluate → compare → promote, the last only when the
-candidate evaluates better than the current production version.
+"""The SSPO pipeline: prepare → train → register → evaluate → compare → promote → export, the last two only when
+the candidate evaluates better than the current production version, and export only when `export` is true.
 
 Defaults of the training and evaluation parameters are the stage configs' defaults (sspo/config.py).
 """
@@ -32,8 +32,8 @@ STAGE_FIELDS = {
     "prepare": {"data_uri": "source", "data_format": "format", "resolution": "resolution", "data_limit": "limit"},
     "train": {"model_uri": "model", "objective": "objective", "steps": "steps", "batch_size": "batch_size",
               "learning_rate": "learning_rate", "beta": "beta", "replay": "replay", "save_every": "save_every",
-              "sample_steps": "sample_steps", "lora_rank": "lora_rank", "replay_from": "replay_from",
-              "pushgateway_url": "pushgateway"},
+              "sampler": "sampler", "sample_steps": "sample_steps", "lora_rank": "lora_rank",
+              "replay_from": "replay_from", "pushgateway_url": "pushgateway"},
     "register": {"registry_url": "registry", "model_name": "name"},
     "evaluate": {"model_uri": "model", "eval_prompts": "prompts", "eval_scorers": "scorers", "eval_seeds": "seeds",
                  "eval_sample_steps": "sample_steps", "eval_guidance": "guidance", "pushgateway_url": "pushgateway"},
@@ -64,6 +64,7 @@ def sspo_pipeline(
     beta: float = _train.beta,
     replay: str = _train.replay,
     save_every: int = _train.save_every,
+    sampler: str = _train.sampler,
     sample_steps: int = _train.sample_steps,
     lora_rank: int = _train.lora_rank,
     replay_from: str = ",".join(_train.replay_from),
@@ -76,6 +77,7 @@ def sspo_pipeline(
     min_win_rate: float = 0.5,
     min_improvement: float = 0.0,
     pushgateway_url: str = "",
+    export: bool = True,
 ) -> PipelineOutputs:
     prepare_task = components.prepare(source=data_uri, source_format=data_format, resolution=resolution,
                                       limit=data_limit)
@@ -84,7 +86,7 @@ def sspo_pipeline(
     train_task = components.train(
         model_uri=model_uri, data=prepare_task.outputs["prepared"], objective=objective, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, beta=beta, replay=replay, save_every=save_every,
-        sample_steps=sample_steps, lora_rank=lora_rank, replay_from=replay_from,
+        sampler=sampler, sample_steps=sample_steps, lora_rank=lora_rank, replay_from=replay_from,
         pushgateway=pushgateway_url,
     )
     # A retried training pod resumes from its latest published checkpoint, so retrying costs little.
@@ -117,8 +119,14 @@ def sspo_pipeline(
         promote_task = components.promote(registry_url=registry_url, model_name=model_name,
                                           version=register_task.outputs["version"])
         promote_task.set_caching_options(False).set_retry(**IO_RETRY)
+        with dsl.If(export == True, name="export-enabled"):  # noqa: E712 (a KFP condition)
+            # after the promotion, so that the model card lists the production alias
+            export_task = components.export(registry_url=registry_url, model_name=model_name,
+                                            version=register_task.outputs["version"],
+                                            evaluation=evaluate_task.outputs["evaluation"]).after(promote_task)
+            export_task.set_caching_options(False).set_retry(**IO_RETRY)
 
-    for task in (prepare_task, train_task, register_task, evaluate_task, compare_task, promote_task):
+    for task in (prepare_task, train_task, register_task, evaluate_task, compare_task, promote_task, export_task):
         _with_s3(task)
     for task in (train_task, evaluate_task):
         task.set_env_variable(PIPELINE_ENV, PIPELINE_NAME)  # the Pushgateway grouping key: no run id

@@ -106,3 +106,14 @@ def should_promote(evaluation_uri: str, production_evaluation_uri: str, split: s
 def promote(registry_url: str, model_name: str, version: str) -> None:
     run(["registry", "promote", "--registry", registry_url, "--name", model_name, "--version", version,
          "--alias", PRODUCTION])
+
+
+def export(registry_url: str, model_name: str, version: str, evaluation_uri: str) -> str:
+    """`sspo export` of a registry version, with its evaluation in the model card, to the registry's exports
+    folder (<registry>/<name>/exports/<version>); returns that URL."""
+    from sspo import registry
+
+    url = registry.export_url(registry_url, model_name, version)
+    run_stage("export", registry=registry_url, name=model_name, version=version, evaluation=evaluation_uri,
+              output=url)
+    return url
