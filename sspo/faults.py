@@ -23,7 +23,7 @@ KILL_POINTS = {
     "train-step-done": "trainer: after a step's optimizer update, before the step is logged",
     "train-step-logged": "trainer: after the step's row is appended to train_log.jsonl",
     "checkpoint-weights-written": "checkpoint: between the weights file and the optimizer file",
-    "checkpoint-written": "trainer: checkpoint files staged, nothing published",
+    "checkpoint-written": "checkpoint publisher: checkpoint files staged, nothing published",
     "run-files-synced": "run store: run files (config, log) synced, checkpoint not yet published",
     "publish-file-uploaded": "storage.publish_dir: after each uploaded file (remote outputs only)",
     "publish-manifest-next": "storage.publish_dir: every file in place, manifest not yet written",

@@ -45,8 +45,13 @@ train_step_seconds = Histogram("sspo_train_step_seconds", "Wall time of one opti
                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 train_samples = Counter("sspo_train_samples", "Training samples consumed (all processes)", registry=_train)
 checkpoint_publish_seconds = Histogram("sspo_train_checkpoint_publish_seconds",
-                                       "Wall time to publish one checkpoint", registry=_train,
+                                       "Wall time to write and publish one checkpoint (in the background unless "
+                                       "async_checkpoint is off)", registry=_train,
                                        buckets=(0.1, 0.5, 1, 5, 15, 60, 300))
+checkpoint_wait_seconds = Histogram("sspo_train_checkpoint_wait_seconds",
+                                    "Time training waited for a checkpoint's write and publish (the whole of it when "
+                                    "async_checkpoint is off)", registry=_train,
+                                    buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60, 300))
 gpu_memory_bytes = Gauge("sspo_train_gpu_memory_bytes", "CUDA memory of the training process", ["kind"],
                          registry=_train)
 

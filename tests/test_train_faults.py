@@ -5,13 +5,17 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from failure_tools import assert_one_line_error, needs_root, sspo_on_full_disk
+from s3proxy import Fault, S3Proxy
+from s3server import BUCKET
 from safetensors.torch import load_file
 
-from sspo.run_store import RunStore
+from sspo import storage
+from sspo.run_store import RunStore, read_log
 
 TINY = {"batch_size": 4, "sample_steps": 2, "save_every": 2, "lr_warmup_steps": 1}
 
@@ -97,6 +101,35 @@ def test_a_resume_refuses_settings_that_change_the_run(base_model, prepared, tmp
     resumed = sspo_train(tmp_path, steps=4, **{**run, "save_every": 4, "replay_cache_size": 3})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert RunStore(str(tmp_path / "runs/l1")).latest_checkpoint().endswith("step-0000004")
+
+
+@pytest.mark.slow
+def test_a_failed_background_upload_stops_the_run_in_one_line_and_keeps_what_was_published(
+        base_model, prepared, s3, tmp_path, monkeypatch):
+    output = f"s3://{BUCKET}/refused-{uuid.uuid4().hex[:8]}"
+    run = {"model": base_model, "data": prepared, "output": output, **TINY, "steps": 6}
+    proxy = S3Proxy(s3.port)
+    proxy.start()
+    proxy.inject(Fault("error", "PUT", "/checkpoints/step-0000004/", count=10**6))  # beyond every retry
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+            error = one_line_error(sspo_train(tmp_path, **run))
+    finally:
+        proxy.stop()
+    store = RunStore(output)
+    assert f"checkpoint {store.checkpoint_url(4)} could not be written or published" in error
+    assert f"the last published checkpoint is {store.checkpoint_url(2)}" in error
+    assert store.latest_checkpoint() == store.checkpoint_url(2)  # and nothing after it: the run stopped
+    assert not storage.is_published(store.checkpoint_url(6))
+    storage.download_dir(store.checkpoint_url(2), tmp_path / "intact", require_manifest=True)  # checks each sha256
+
+    shutil.rmtree(store.local)  # as a retried pod
+    resumed = sspo_train(tmp_path, **run)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {output} at step 2" in resumed.stderr
+    assert [row["step"] for row in read_log(output)] == list(range(1, 7))
+    assert store.latest_checkpoint() == store.checkpoint_url(6)
 
 
 @needs_root
