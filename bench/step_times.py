@@ -1,10 +1,17 @@
 """Step-time benchmark on the toy model at batch 8, printed as ratios to the Diffusion-DPO step.
 
 Measures, in one process so the ratios share the machine's state:
-- the median optimizer-step time of sft, dpo and sspo (full fine-tune) from the trainer's own step log;
-- self-sampling alone (DDIM + CFG for one batch of latents);
+- the median optimizer-step time of sft, dpo and sspo (full fine-tune) from the trainer's own step log, sspo with
+  the default self-sampler (DPM-Solver++, 4 steps) and with the paper's (DDIM, 10 steps), and SSPO's throughput
+  (winner images per second) as a fraction of DPO's;
+- self-sampling alone (CFG 4, one batch of latents) with either sampler;
 - the replay reference switch for a pool of 50 entries, LoRA (adapter copy) and full (LRU + prefetch, and cold);
-- the dpo step next to one competing busy process, with torch's default threads and with one thread fewer.
+- the dpo step next to one competing busy process, with torch's default threads and with one thread fewer;
+- a dpo step that saves a checkpoint (step time plus its `save` call; local output, a save every step), with the
+  checkpoint published inline and in the background, and per checkpoint the time to write and publish it and the
+  time the step waited for it;
+- the dpo and sspo steps on pairs prepared with `--encode-with` (latents and prompt embeddings stored), with the
+  stored encodings and with use_encodings off (VAE and text encoders run every step).
 The figures are also written to bench/results/step_times.json.
 
 Usage: python bench/step_times.py [--steps 12] [--workdir DIR]
@@ -28,13 +35,15 @@ from safetensors.torch import save_file
 
 from sspo import config
 from sspo.models import load_components, lora_config
-from sspo.sampling import encode_prompts, sample_latents
+from sspo.sampling import make_sampler, sample_latents
 from sspo.stages import run_bootstrap, run_prepare, run_train, run_world
 from sspo.train.replay import FullReference, LoraReference, load_safetensors
+from sspo.train.trainer import Trainer
 
 BATCH = 8
 POOL = 50
 RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_SAMPLER = {"sampler": "ddim", "sample_steps": 10}
 COMPETITOR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a"
 
 
@@ -52,6 +61,47 @@ def time_calls(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def saving_step_seconds(common: dict, work: Path, background: bool, warmup: int = 2) -> dict:
+    """A dpo run that saves every step, its checkpoints published in the background or inline: the median step
+    that saves (its logged time, which leaves the save out, plus its `save` call), and per checkpoint the time to
+    write and publish it and the time training waited for it."""
+    output = work / f"run-dpo-save-{'background' if background else 'inline'}"
+    trainer = Trainer(config.load("train", None, {**common, "objective": "dpo", "output": str(output),
+                                                  "save_every": 1, "async_checkpoint": background}))
+    save, saves = trainer.save, []
+
+    def timed_save(step: int) -> None:
+        started = time.perf_counter()
+        save(step)
+        saves.append(time.perf_counter() - started)
+
+    trainer.save = timed_save
+    summary = trainer.run()
+    rows = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return {"step": statistics.median(row["seconds"] + seconds for row, seconds in list(zip(rows, saves))[warmup:]),
+            "publish": summary["checkpoint_publish_seconds"] / len(saves),
+            "wait": summary["checkpoint_wait_seconds"] / len(saves)}
+
+
+def encoding_step_seconds(common: dict, work: Path, world: str, base: str, rounds: int = 3) -> dict:
+    """Median dpo and sspo steps on pairs prepared with their latent distributions and prompt embeddings
+    (`--encode-with`), using them and, with use_encodings off, VAE- and text-encoding every step as before. The
+    runs alternate for `rounds` rounds (median of their medians), so a change in the machine's load mid-way does not
+    fall on one side only."""
+    data = str(work / "pairs-encoded")
+    run_prepare(config.load("prepare", None, {"source": world, "output": data, "keep_pairs": True,
+                                              "encode_with": base}))
+    medians: dict[tuple[str, bool], list[float]] = {}
+    for round_ in range(rounds):
+        for objective in ("dpo", "sspo"):
+            for stored in (True, False):
+                run = work / f"run-{objective}-encodings-{'stored' if stored else 'off'}-{round_}"
+                run_train(config.load("train", None, {**common, "data": data, "objective": objective,
+                                                      "output": str(run), "use_encodings": stored}))
+                medians.setdefault((objective, stored), []).append(median_step_seconds(run))
+    return {key: statistics.median(values) for key, values in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
@@ -65,12 +115,17 @@ def main() -> None:
     run_prepare(config.load("prepare", None, {"source": world, "output": str(work / "pairs"), "keep_pairs": True}))
 
     common = {"model": base, "data": str(work / "pairs"), "steps": args.steps, "batch_size": BATCH,
-              "save_every": args.steps, "sample_steps": 10, "guidance": 4.0}
+              "save_every": args.steps}
     step = {}
     for objective in ("sft", "dpo", "sspo"):
         run = work / f"run-{objective}"
         run_train(config.load("train", None, {**common, "objective": objective, "output": str(run)}))
         step[objective] = median_step_seconds(run)
+    run = work / "run-sspo-paper-sampler"
+    run_train(config.load("train", None, {**common, **PAPER_SAMPLER, "objective": "sspo", "output": str(run)}))
+    step["sspo, paper sampler"] = median_step_seconds(run)
+    saving = {background: saving_step_seconds(common, work, background) for background in (False, True)}
+    encoding = encoding_step_seconds(common, work, world, base)
 
     # A neighbour busy on one core, as on a shared node: the trainer with torch's default pool (one thread per core)
     # against one thread per CPU left, which is what `threads` (or the pod's CPU quota) gives.
@@ -87,13 +142,15 @@ def main() -> None:
         torch.set_num_threads(default_threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parts = load_components(base)
+    parts = load_components(base).to(device)
     unet = parts.unet.eval().to(device)
-    parts.text_encoder.to(device)
-    cond = encode_prompts(parts.tokenizer, parts.text_encoder, ["a red circle on the left"] * BATCH)
-    uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    cond, uncond = parts.encode(["a red circle on the left"] * BATCH), parts.unconditional()
     noise = torch.randn(BATCH, 4, parts.latent_size, parts.latent_size, device=device)
-    sampling = time_calls(lambda: sample_latents(unet, parts.sample_scheduler, cond, uncond, noise, 10, 4.0), 5)
+    default = config.load("train", None, {})
+    sampling = {}
+    for name, steps in ((default.sampler, default.sample_steps), tuple(PAPER_SAMPLER.values())):
+        scheduler = make_sampler(name, parts.noise_scheduler.config)
+        sampling[name, steps] = time_calls(lambda: sample_latents(unet, scheduler, cond, uncond, noise, steps, 4.0), 5)
 
     # A pool of 50 entries written as checkpoint files, then random switches as training would draw them.
     pool_dir = work / "pool"
@@ -138,20 +195,41 @@ def main() -> None:
         ("sft step", step["sft"]),
         ("dpo step", step["dpo"]),
         ("sspo step", step["sspo"]),
+        ("sspo step, paper sampler (DDIM-10)", step["sspo, paper sampler"]),
         *((name, seconds) for name, seconds in step.items() if "competing" in name),
-        ("self-sampling alone (DDIM-10, CFG 4)", sampling),
+        *((f"self-sampling alone ({name}, {steps} steps, CFG 4)", seconds)
+          for (name, steps), seconds in sampling.items()),
         (f"replay switch, LoRA r=4, pool {POOL}", lora_switch),
         (f"replay switch, full, pool {POOL}, LRU 8 + prefetch", full_switch),
         (f"replay switch, full, pool {POOL}, cold load", full_switch_cold),
+        ("dpo step + save, publish inline", saving[False]["step"]),
+        ("dpo step + save, publish in the background", saving[True]["step"]),
+        ("checkpoint write + publish, inline", saving[False]["publish"]),
+        ("checkpoint write + publish, in the background", saving[True]["publish"]),
+        ("step's wait for the background publish, per save", saving[True]["wait"]),
+        *((f"{objective} step, {'stored encodings' if stored else 'encoding each step'}", seconds)
+          for (objective, stored), seconds in encoding.items()),
     ]
     print(f"\ntoy model, batch {BATCH}, {device}, {torch.get_num_threads()} threads; medians; ratio = time / dpo step")
     print(f"{'measure':<52}{'seconds':>10}{'ratio':>8}")
     for name, seconds in rows:
         print(f"{name:<52}{seconds:>10.4f}{seconds / step['dpo']:>8.3f}")
+    # Every step trains on BATCH winners, so throughputs relate as the inverse step times.
+    throughput = {name: step["dpo"] / step[name] for name in ("sspo", "sspo, paper sampler")}
+    print(f"sspo throughput / dpo throughput: {throughput['sspo']:.3f} "
+          f"(paper sampler: {throughput['sspo, paper sampler']:.3f})")
+    background_over_inline = saving[True]["step"] / saving[False]["step"]
+    print(f"dpo step + save, background / inline publish: {background_over_inline:.3f}")
+    print(f"dpo step, stored encodings / encoding each step: {encoding['dpo', True] / encoding['dpo', False]:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_times.json").write_text(json.dumps({
         "device": device, "threads": torch.get_num_threads(), "batch": BATCH,
-        "seconds": dict(rows), "ratio_to_dpo": {name: seconds / step["dpo"] for name, seconds in rows}}, indent=2))
+        "seconds": dict(rows), "ratio_to_dpo": {name: seconds / step["dpo"] for name, seconds in rows},
+        "sspo_throughput_over_dpo": throughput["sspo"],
+        "sspo_paper_sampler_throughput_over_dpo": throughput["sspo, paper sampler"],
+        "save_step_background_over_inline": background_over_inline,
+        "dpo_step_stored_encodings_over_encoding_each_step": encoding["dpo", True] / encoding["dpo", False]},
+        indent=2))
     print(f"written to {RESULTS / 'step_times.json'}")
 
 

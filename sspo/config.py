@@ -54,6 +54,8 @@ class BootstrapConfig:
     caption_noise_position: float = field(default=0.6, metadata={"help": "fraction of positions shifted"})
     prediction_type: str = field(default="epsilon", metadata={
         "help": "what the UNet predicts: epsilon (SD 1.x, SD 2.x base) or v_prediction (SD 2.x 768)"})
+    family: str = field(default="sd", metadata={
+        "help": "model family: sd (SD-1.x/2.x-shaped) or sdxl (two text encoders, pooled embedding, time ids)"})
 
     def validate(self):
         for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size"):
@@ -64,6 +66,9 @@ class BootstrapConfig:
 
         _require(self.prediction_type in PREDICTION_TYPES,
                  f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
+        from sspo.toy.model import FAMILIES
+
+        _require(self.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}")
         for name in ("vae_lr", "unet_lr"):
             _require(getattr(self, name) > 0, f"{name} must be positive")
         _require(self.vae_kl_weight >= 0, "vae_kl_weight must be 0 or positive")
@@ -84,9 +89,14 @@ class PrepareConfig:
     # bounds the decode of a small file with a lying header to about 256 MB (RGBA), below PIL's own 89 MP warning.
     max_pixels: int = field(default=64_000_000, metadata={
         "help": "refuse (as a bad sample) an image whose header claims more pixels, before decoding it"})
+    encode_with: str = field(default="", metadata={
+        "help": "model folder path or URL whose VAE and text encoders also encode every image (latent mean and log "
+                "variance) and caption (prompt embeddings) into the shards, so training need not ('' = don't)"})
+    encode_batch_size: int = field(default=16, metadata={"help": "images or captions per encoder call"})
 
     def validate(self):
         _require(self.format in ("auto", "folder", "jsonl", "parquet"), "format must be auto, folder, jsonl or parquet")
+        _require(self.encode_batch_size > 0, "encode_batch_size must be positive")
         _require(self.on_error in ("skip", "fail"), "on_error must be skip or fail")
         _require(8 <= self.resolution <= MAX_RESOLUTION, f"resolution must be between 8 and {MAX_RESOLUTION}")
         _require(self.limit >= 0, "limit must be 0 (all) or positive")
@@ -117,14 +127,22 @@ class TrainConfig:
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full UNet"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = same as rank)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint (and replay pool entry) every N steps"})
+    async_checkpoint: bool = field(default=True, metadata={
+        "help": "write and publish checkpoints in the background; the step pays only for a copy of the state in "
+                "CPU memory (false: the step waits for the upload)"})
     replay_cache_size: int = field(default=8, metadata={"help": "full fine-tune: pool entries kept in host RAM"})
     replay_from: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated extra replay pool entries after θ₀ for a fresh run: registry versions, "
                 "checkpoints or run folders of earlier runs, dvc:// paths"})
-    sample_steps: int = field(default=10, metadata={"help": "DDIM steps for self-samples"})
+    sampler: str = field(default="dpmsolver++", metadata={
+        "help": "self-sample solver: dpmsolver++ (DPM-Solver++ 2M) or ddim (the paper's, with sample_steps 10)"})
+    sample_steps: int = field(default=4, metadata={"help": "solver steps for self-samples"})
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance for self-samples"})
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    use_encodings: bool = field(default=True, metadata={
+        "help": "train on the latents and prompt embeddings stored with the data (sspo prepare --encode-with) when "
+                "it has them; false encodes its pixels and captions each step"})
     threads: int = field(default=0, metadata={
         "help": "intra-op CPU threads; 0 = one per CPU of the cgroup's quota (torch's default without a quota)"})
     seed: int = 0
@@ -137,6 +155,9 @@ class TrainConfig:
         _require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         _require(self.ssr in SSR_VARIANTS, f"ssr must be one of {', '.join(SSR_VARIANTS)}")
         _require(self.replay in REPLAY_DISTRIBUTIONS, f"replay must be one of {', '.join(REPLAY_DISTRIBUTIONS)}")
+        from sspo.sampling import SAMPLERS
+
+        _require(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}")
         _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
         _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         _require(self.beta > 0, "beta must be positive")
@@ -211,6 +232,35 @@ class RegisterConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Export a registry version, checkpoint or run as a complete diffusers folder with a model card."""
+
+    checkpoint: str = field(default="", metadata={
+        "help": "checkpoint URL, run folder (its latest), registry version folder, alias object or the record "
+                "`sspo register --output` writes (not used when --registry names a version)"})
+    registry: str = field(default="", metadata={
+        "help": "registry root URL; with --name and --version or --alias it names the version to export"})
+    name: str = field(default="", metadata={"help": "model name in the registry"})
+    version: str = field(default="", metadata={"help": "version id"})
+    alias: str = field(default="", metadata={"help": "alias, e.g. production"})
+    model: str = field(default="", metadata={
+        "help": "base model: diffusers folder path or URL ('' = the base model the checkpoint records)"})
+    evaluation: str = field(default="", metadata={
+        "help": "folder of an evaluation of this checkpoint: its scores and image grids go into the model card"})
+    output: str = field(default="models/exported", metadata={"help": "new folder path or URL"})
+
+    def validate(self):
+        _require(bool(self.output), "output must be a URL")
+        if self.registry:
+            _require(bool(self.name), "name must name the model in the registry")
+            _require(bool(self.version) != bool(self.alias), "give exactly one of version and alias")
+        else:
+            _require(bool(self.checkpoint), "give checkpoint, or registry with name and version or alias")
+            _require(not (self.name or self.version or self.alias),
+                     "name, version and alias name a version in a registry: give registry too")
+
+
+@dataclass
 class ExperimentConfig:
     """Train every arm (sft, dpo, spin, sspo and its ablations) from one base with one budget; compare them."""
 
@@ -255,6 +305,7 @@ STAGES = {
     "train": TrainConfig,
     "register": RegisterConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
     "experiment": ExperimentConfig,
 }
 

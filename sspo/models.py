@@ -1,4 +1,4 @@
-"""Loading a diffusers SD-1.x/2.x folder (local path or URL) and applying trained checkpoints to it."""
+"""Loading a diffusers SD-1.x/2.x or SDXL folder (local path or URL) and applying trained checkpoints to it."""
 
 from __future__ import annotations
 
@@ -9,51 +9,182 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from sspo import storage
+from sspo.conditioning import Conditioning, encode_text, time_ids, uncropped_geometry
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# model_index.json's pipeline class → the family's name and its text encoders (folder, class).
+FAMILIES = {
+    "StableDiffusionPipeline": ("sd", [("text_encoder", CLIPTextModel)]),
+    "StableDiffusionXLPipeline": ("sdxl", [("text_encoder", CLIPTextModel),
+                                           ("text_encoder_2", CLIPTextModelWithProjection)]),
+}
 
 
 @dataclass
 class Components:
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: object
+    text_encoders: list
+    tokenizers: list
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     sample_scheduler: DDIMScheduler
     path: Path
+    family: str = "sd"
+    # SDXL's unconditional branch sees zero embeddings rather than the encoded empty prompt.
+    zero_unconditional: bool = False
 
     @property
     def latent_size(self) -> int:
         return int(self.unet.config.sample_size)
 
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device) -> Components:
+        for module in (self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+    def time_ids(self, geometry: torch.Tensor | None = None) -> torch.Tensor:
+        """SDXL time ids of images with this (original size, crop) geometry; by default uncropped images at the
+        model's resolution, as generated ones are."""
+        return time_ids(uncropped_geometry(1, self.resolution) if geometry is None else geometry, self.resolution)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Conditioning for `prompts` (for SDXL with the time ids of a generated image)."""
+        return self.as_generated(encode_text(self.text_encoders, self.tokenizers, prompts))
+
+    def as_generated(self, conditioning: Conditioning) -> Conditioning:
+        """Text embeddings with the time ids of a generated image (SDXL; SD conditioning has none)."""
+        return conditioning.with_time_ids(self.time_ids().expand(len(conditioning), 6))
+
+    def unconditional(self) -> Conditioning:
+        """The classifier-free guidance branch, batch size 1."""
+        empty = self.encode([""])
+        if not self.zero_unconditional:
+            return empty
+        return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids)
+
+
+def model_family(path: Path, model_url: str) -> tuple[str, list, bool]:
+    """(family, text encoders to load, zero unconditional) from the folder's model_index.json."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SSPOError(f"{model_url} is not a diffusers folder: cannot read its model_index.json: {err}") from None
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline not in FAMILIES:
+        raise SSPOError(f"{model_url} holds a {pipeline} model; supported: {', '.join(FAMILIES)}")
+    family, encoders = FAMILIES[pipeline]
+    return family, encoders, bool(index.get("force_zeros_for_empty_prompt", False))
+
+
+def open_model(model_url: str, needed: tuple[str, ...] = ()) -> tuple[Path, str, list, bool]:
+    """(local folder, family, text encoders, zero unconditional) of a model folder that holds a VAE, the family's
+    text encoders and tokenizers, and the `needed` subfolders."""
+    path = storage.fetch_dir(model_url)
+    family, encoders, zero_unconditional = model_family(path, model_url)
+    subfolders = ["vae", *(folder for folder, _ in encoders), *tokenizer_folders(encoders), *needed]
+    missing = [name for name in subfolders if not (path / name).is_dir()]
+    if missing:
+        raise SSPOError(f"{model_url} is not a {family} diffusers folder: missing {', '.join(missing)}/")
+    return path, family, encoders, zero_unconditional
+
+
+def tokenizer_folders(encoders: list) -> list[str]:
+    return [folder.replace("text_encoder", "tokenizer") for folder, _ in encoders]
+
+
+@dataclass
+class Encoders:
+    """A model's VAE and text encoders: all that encoding images and captions ahead of training needs."""
+
+    vae: AutoencoderKL
+    text_encoders: list
+    tokenizers: list
+    path: Path
+    family: str
+
+    def to(self, device) -> Encoders:
+        for module in (self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log variance) of the VAE's latent distribution of pixels in [-1, 1], unscaled."""
+        distribution = self.vae.encode(pixels.to(self.vae.device)).latent_dist
+        return distribution.mean, distribution.logvar
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> Conditioning:
+        """The prompts' text embeddings (hidden states, and SDXL's pooled embedding), without time ids."""
+        return encode_text(self.text_encoders, self.tokenizers, prompts)
+
+
+def read_encoders(path: Path, family: str, encoders: list) -> Encoders:
+    """The VAE and text encoders of the folder, frozen."""
+    loaded = Encoders(
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True),
+        text_encoders=[kind.from_pretrained(path / folder, use_safetensors=True) for folder, kind in encoders],
+        tokenizers=[AutoTokenizer.from_pretrained(path / folder) for folder in tokenizer_folders(encoders)],
+        path=path,
+        family=family,
+    )
+    for module in (loaded.vae, *loaded.text_encoders):
+        module.requires_grad_(False).eval()
+    return loaded
+
+
+def load_encoders(model_url: str) -> Encoders:
+    """The VAE and text encoders of a Stable Diffusion (or SDXL) folder, loaded offline (no UNet)."""
+    path, family, encoders, _ = open_model(model_url)
+    try:
+        return read_encoders(path, family, encoders)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise SSPOError(f"cannot load the model at {model_url}: {err}") from None
+
+
+def encoder_digests(path: Path, family: str) -> dict[str, str]:
+    """sha256 of the weights files of a model folder's VAE and text encoders, by path in the folder: what stored
+    latents and prompt embeddings depend on. Variant files (`model.fp16.safetensors`), which loading without a
+    variant does not read, are left out."""
+    encoders = next(encoders for name, encoders in FAMILIES.values() if name == family)
+    return {f"{folder}/{file.name}": storage.sha256_file(file)
+            for folder in ("vae", *(folder for folder, _ in encoders))
+            for file in sorted((path / folder).glob("*.safetensors"))
+            if "." not in file.name.removesuffix(".safetensors")}
+
 
 def load_components(model_url: str) -> Components:
-    """The parts of a Stable Diffusion folder that training and sampling need, loaded offline."""
-    path = storage.fetch_dir(model_url)
-    missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if not (path / name).is_dir()]
-    if missing:
-        raise SSPOError(f"{model_url} is not a Stable Diffusion diffusers folder: missing {', '.join(missing)}/")
+    """The parts of a Stable Diffusion (or SDXL) folder that training and sampling need, loaded offline."""
+    path, family, encoders, zero_unconditional = open_model(model_url, ("unet", "scheduler"))
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        loaded = read_encoders(path, family, encoders)
         components = Components(
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True),
-            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True),
-            tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+            vae=loaded.vae,
+            text_encoders=loaded.text_encoders,
+            tokenizers=loaded.tokenizers,
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True),
             noise_scheduler=noise_scheduler,
             sample_scheduler=DDIMScheduler.from_config(noise_scheduler.config),
             path=path,
+            family=family,
+            zero_unconditional=zero_unconditional,
         )
     except (OSError, ValueError, EnvironmentError) as err:
         raise SSPOError(f"cannot load the model at {model_url}: {err}") from None
@@ -61,9 +192,43 @@ def load_components(model_url: str) -> Components:
     if prediction_type not in PREDICTION_TYPES:
         raise SSPOError(f"{model_url}: its scheduler's prediction_type {prediction_type!r} is not supported "
                         f"(use a model that predicts {' or '.join(PREDICTION_TYPES)})")
-    for module in (components.vae, components.text_encoder):
-        module.requires_grad_(False).eval()
     return components
+
+
+def prompt_conditioning(parts: Components, batch: dict) -> Conditioning:
+    """The batch's prompts as a generated image's conditioning: the embeddings stored with the dataset when the batch
+    holds them (`sspo prepare --encode-with`), else its captions encoded now."""
+    hidden, pooled = batch.get("prompt_hidden"), batch.get("prompt_pooled")
+    if hidden is None:
+        return parts.encode(batch["captions"])
+    device = parts.vae.device
+    return parts.as_generated(Conditioning(hidden.to(device), None if pooled is None else pooled.to(device)))
+
+
+def latent_sample(parts: Components, batch: dict, generator: torch.Generator, role: str = "winner") -> torch.Tensor:
+    """A sample (unscaled) of the latent distribution of the batch's winners or losers: the distribution stored with
+    the dataset when the batch holds it, else the VAE's encoding of the pixels. Both draw their noise from
+    `generator` through DiagonalGaussianDistribution.sample, so every later draw of the step is the same either way."""
+    prefix = "" if role == "winner" else f"{role}_"
+    device = parts.vae.device
+    mean = batch.get(f"{prefix}latent_mean")
+    if mean is None:
+        return parts.vae.encode(batch[f"{prefix}pixels"].to(device)).latent_dist.sample(generator)
+    parameters = torch.cat([mean, batch[f"{prefix}latent_logvar"]], dim=1).to(device)
+    return DiagonalGaussianDistribution(parameters).sample(generator)
+
+
+def check_encodings(encoded_with: dict, parts: Components, data_url: str, model_url: str) -> None:
+    """Refuse latents and prompt embeddings that another VAE or text encoder made than the model's own."""
+    made_by = encoded_with.get("weights", {})
+    mine = encoder_digests(parts.path, parts.family)
+    differing = sorted(name for name in made_by.keys() | mine.keys() if made_by.get(name) != mine.get(name))
+    if differing:
+        raise SSPOError(
+            f"{data_url} holds latents and prompt embeddings made with {encoded_with.get('model')}, whose VAE or text "
+            f"encoders differ from those of {storage.absolute(model_url)} ({differing[0]}); prepare it again with "
+            f"--encode-with {model_url}, or train with use_encodings: false (--no-use-encodings), which encodes its "
+            "pixels and captions each step")
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

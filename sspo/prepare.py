@@ -7,6 +7,12 @@ Sources (any fsspec URL):
 
 Output: `shard-NNNNN.safetensors` (uint8 "winner" and, when paired, "loser", shape (n, 3, R, R)) next to
 `shard-NNNNN.jsonl` (one {"caption", "split"?} line per sample, same order), published with a manifest.
+
+With `encode_with` (a model folder) each shard also holds what training would otherwise compute every step, as
+float32: the VAE's latent distribution of each image, unscaled ("winner_latent_mean", "winner_latent_logvar" and the
+loser's), and each caption's text embeddings ("prompt_hidden", and SDXL's "prompt_pooled"). The manifest's
+"encoded_with" names the model and the sha256 of its VAE and text encoder weights, so a trainer can check they fit.
+Distributions rather than samples are stored, so each step still draws its own latent sample.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from sspo import storage
+from sspo.conditioning import uncropped_geometry
 from sspo.config import PrepareConfig
 from sspo.errors import SSPOError
 from sspo.progress import Progress
@@ -74,6 +82,8 @@ NOT_ERRORS = {"tie"}
 
 # PIL reports undecodable input through many exception types, depending on the codec and where it breaks.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # the orientations that swap width and height
 # Writes that fail for lack of space: a full disk, a full quota, a file size limit.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -106,19 +116,22 @@ def prepare(
     limit: int | None = None,
     shard_size: int = 4096,
     max_pixels: int = PrepareConfig.max_pixels,
+    encode_with: str = "",
+    encode_batch_size: int = PrepareConfig.encode_batch_size,
 ) -> dict:
     """Validate and resize `source` into shards published at `output`; returns the manifest summary.
 
     `limit` caps the number of valid samples written. Images whose header claims more than `max_pixels` pixels are
     bad samples, refused before decoding. Bad samples are skipped and counted by reason, or with on_error="fail"
-    the first one raises SSPOError.
+    the first one raises SSPOError. With `encode_with` the shards also hold latent distributions and prompt
+    embeddings made by that model, `encode_batch_size` images or captions at a time.
     """
     if source_format not in SOURCE_FORMATS:
         raise SSPOError(f"unknown source format {source_format!r}; expected one of {', '.join(SOURCE_FORMATS)}")
     if on_error not in ("skip", "fail"):
         raise SSPOError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
-    if min(resolution, shard_size, max_pixels) < 1 or (limit is not None and limit < 1):
-        raise SSPOError("resolution, shard_size, max_pixels and limit must be positive")
+    if min(resolution, shard_size, max_pixels, encode_batch_size) < 1 or (limit is not None and limit < 1):
+        raise SSPOError("resolution, shard_size, max_pixels, encode_batch_size and limit must be positive")
 
     skipped: Counter[str] = Counter()
     # Entered before any work, so an existing output (or a leftover of a failed run) is refused at once.
@@ -128,8 +141,9 @@ def prepare(
             raise SSPOError(f"not found: {source}")
         fmt = detect_format(fs, root) if source_format == "auto" else source_format
         total, samples = SOURCES[fmt](fs, root, keep_pairs)
+        encoder = ShardEncoder(encode_with, encode_batch_size) if encode_with else None
 
-        writer = ShardWriter(staging, shard_size, keep_pairs)
+        writer = ShardWriter(staging, shard_size, keep_pairs, encoder)
         progress = Progress(total, "prepare")
         for raw in samples:
             try:
@@ -163,6 +177,7 @@ def prepare(
             "skipped": dict(sorted(skipped.items())),
             "source": source,
             "source_format": fmt,
+            **({"encoded_with": encoder.made_by} if encoder else {}),
         }
         extra.update(summary)
     logger.info("prepared %d samples in %d shards at %s", writer.num_samples, len(shards), output)
@@ -197,8 +212,8 @@ def disk_full_as_error(output: str):
         raise SSPOError(f"cannot write {output}: {err.strerror} (writing in {where}); nothing was published") from None
 
 
-def load_sample(raw: RawSample, resolution: int, max_pixels: int) -> list[np.ndarray]:
-    """The sample's images as (R, R, 3) uint8 arrays; raises Rejected with the reason it is unusable."""
+def load_sample(raw: RawSample, resolution: int, max_pixels: int) -> list[PreparedImage]:
+    """The sample's images at resolution R; raises Rejected with the reason it is unusable."""
     if raw.problem:
         raise Rejected(raw.problem)
     if not isinstance(raw.caption, str) or not raw.caption.strip():
@@ -234,9 +249,18 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def to_pixels(data: bytes, resolution: int, max_pixels: int) -> np.ndarray:
+class PreparedImage(NamedTuple):
+    pixels: np.ndarray  # (R, R, 3) uint8
+    # Original height and width, then the crop's top and left in the resized image: SDXL is conditioned on them.
+    geometry: tuple[int, int, int, int]
+
+
+def to_pixels(data: bytes, resolution: int, max_pixels: int) -> PreparedImage:
     """Decode, convert to RGB, resize the shorter side to `resolution` and center-crop to a square."""
     with open_image(data, max_pixels) as opened:
+        original_size = opened.size[::-1]  # (height, width) as stored, before draft decoding shrinks it
+        if opened.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
+            original_size = original_size[::-1]
         # Lets JPEG decode at a reduced scale that is still at least resolution x resolution: much faster.
         opened.draft("RGB", (resolution, resolution))
         image = ImageOps.exif_transpose(opened)
@@ -251,21 +275,23 @@ def to_pixels(data: bytes, resolution: int, max_pixels: int) -> np.ndarray:
     height = max(resolution, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - resolution) // 2, (height - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+    pixels = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+    return PreparedImage(pixels, (*original_size, top, left))
 
 
 class ShardWriter:
     """Buffers up to `shard_size` samples, then writes them as one safetensors file plus a captions file."""
 
-    def __init__(self, directory: Path, shard_size: int, paired: bool):
+    def __init__(self, directory: Path, shard_size: int, paired: bool, encoder: ShardEncoder | None = None):
         self.directory = directory
         self.shard_size = shard_size
         self.paired = paired
+        self.encoder = encoder
         self.shards: list[dict] = []
         self.num_samples = 0
-        self.pending: list[tuple[list[np.ndarray], str, str | None]] = []
+        self.pending: list[tuple[list[PreparedImage], str, str | None]] = []
 
-    def add(self, images: list[np.ndarray], caption: str, split: str | None) -> None:
+    def add(self, images: list[PreparedImage], caption: str, split: str | None) -> None:
         self.pending.append((images, caption, split))
         self.num_samples += 1
         if len(self.pending) == self.shard_size:
@@ -274,9 +300,16 @@ class ShardWriter:
     def flush(self) -> None:
         name = f"shard-{len(self.shards):05d}"
         roles = ("winner", "loser") if self.paired else ("winner",)
-        stacked = {role: np.stack([images[i] for images, _, _ in self.pending]) for i, role in enumerate(roles)}
-        # Channel-first copies: safetensors stores raw memory, so a permuted view must be made contiguous.
-        tensors = {role: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous() for role, array in stacked.items()}
+        tensors = {}
+        for i, role in enumerate(roles):
+            pixels = np.stack([images[i].pixels for images, _, _ in self.pending])
+            # Channel-first copies: safetensors stores raw memory, so a permuted view must be made contiguous.
+            tensors[role] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+            tensors[f"{role}_geometry"] = torch.tensor([images[i].geometry for images, _, _ in self.pending],
+                                                       dtype=torch.int32)
+        if self.encoder is not None:
+            captions = [caption for _, caption, _ in self.pending]
+            tensors.update(self.encoder({role: tensors[role] for role in roles}, captions))
         storage.save_tensors(tensors, self.directory / f"{name}.safetensors")
         with open(self.directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for _, caption, split in self.pending:
@@ -291,6 +324,41 @@ class ShardWriter:
         if self.pending:
             self.flush()
         return self.shards
+
+
+class ShardEncoder:
+    """Encodes one shard's images and captions with a model's VAE and text encoders, `batch_size` at a time."""
+
+    def __init__(self, model_url: str, batch_size: int):
+        from sspo.models import encoder_digests, load_encoders  # diffusers and transformers: only when encoding
+
+        self.encoders = load_encoders(model_url).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        # The scaling factor is not applied to what is stored: the trainer applies its model's own.
+        self.made_by = {"model": storage.absolute(model_url),
+                        "weights": encoder_digests(self.encoders.path, self.encoders.family)}
+
+    def batches(self, items):
+        return (items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size))
+
+    def __call__(self, pixels: dict[str, torch.Tensor], captions: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors to store next to the shard's uint8 images (by role) and captions."""
+        tensors = {}
+        for role, images in pixels.items():
+            means, logvars = zip(*(self.encoders.latent_distribution(to_unit_range(batch))
+                                   for batch in self.batches(images)))
+            tensors[f"{role}_latent_mean"], tensors[f"{role}_latent_logvar"] = stored(means), stored(logvars)
+        prompts = [self.encoders.embed(batch) for batch in self.batches(captions)]
+        tensors["prompt_hidden"] = stored([prompt.hidden for prompt in prompts])
+        if prompts[0].pooled is not None:
+            tensors["prompt_pooled"] = stored([prompt.pooled for prompt in prompts])
+        return tensors
+
+
+def stored(batches) -> torch.Tensor:
+    """Batches as one float32 CPU tensor in its own memory (safetensors stores raw memory; the VAE's mean and log
+    variance are views of one tensor)."""
+    return torch.cat([batch.to("cpu", torch.float32) for batch in batches]).contiguous()
 
 
 def file_reader(fs, path: str) -> Callable[[], bytes | None]:
@@ -435,10 +503,21 @@ def pair_sample(name: str, caption, image_0, image_1, label_0, keep_pairs: bool)
 SOURCES = {"folder": folder_source, "jsonl": jsonl_source, "parquet": parquet_source}
 
 
-class ShardDataset:
-    """A prepared dataset held in memory, checked against its manifest's sha256 sums."""
+# Tensors that `encode_with` adds to a shard, by the name `ShardDataset.batch` gives them.
+ENCODED = {"latent_mean": "winner_latent_mean", "latent_logvar": "winner_latent_logvar",
+           "loser_latent_mean": "loser_latent_mean", "loser_latent_logvar": "loser_latent_logvar",
+           "prompt_hidden": "prompt_hidden", "prompt_pooled": "prompt_pooled"}
 
-    def __init__(self, url_or_dir: str, split: str | None = None):
+
+class ShardDataset:
+    """A prepared dataset held in memory, checked against its manifest's sha256 sums.
+
+    With `encodings` (the default) the latent distributions and prompt embeddings of a dataset prepared with
+    `encode_with` are loaded too: `encodings` holds them by batch key, `encoded_with` names the model that made them
+    (None when the dataset has none, or they are not wanted).
+    """
+
+    def __init__(self, url_or_dir: str, split: str | None = None, encodings: bool = True):
         directory = storage.fetch_dir(url_or_dir)
         manifest = storage.verify_dir(directory)
         if manifest.get("format") != FORMAT:
@@ -446,7 +525,10 @@ class ShardDataset:
                 f"{url_or_dir} is not a prepared dataset (format {manifest.get('format')!r}, expected {FORMAT!r})"
             )
         self.resolution: int = manifest["resolution"]
+        self.encoded_with: dict | None = manifest.get("encoded_with") if encodings else None
         winners, losers, captions, splits = [], [], [], []
+        encoded: dict[str, list[torch.Tensor]] = {}
+        geometry: dict[str, list[torch.Tensor]] = {"winner": [], "loser": []}
         for shard in manifest["shards"]:
             tensors = load_file(str(directory / shard["tensors"]))
             captions_text = (directory / shard["captions"]).read_text(encoding="utf-8")
@@ -456,6 +538,14 @@ class ShardDataset:
             winners.append(tensors["winner"])
             if manifest["paired"]:
                 losers.append(tensors["loser"])
+            for role in ("winner", "loser") if manifest["paired"] else ("winner",):
+                # Datasets prepared before geometry was recorded hold uncropped images at the resolution.
+                default = uncropped_geometry(len(lines), self.resolution).to(torch.int32)
+                geometry[role].append(tensors.get(f"{role}_geometry", default))
+            if self.encoded_with is not None:
+                for key, name in ENCODED.items():
+                    if name in tensors:
+                        encoded.setdefault(key, []).append(tensors[name])
             captions += [line["caption"] for line in lines]
             splits += [line.get("split") for line in lines]
         keep = [i for i, s in enumerate(splits) if split is None or s == split]
@@ -465,6 +555,8 @@ class ShardDataset:
         index = torch.tensor(keep)
         self.winners: torch.Tensor = torch.cat(winners)[index]
         self.losers: torch.Tensor | None = torch.cat(losers)[index] if losers else None
+        self.geometry = {role: torch.cat(rows)[index] for role, rows in geometry.items() if rows}
+        self.encodings: dict[str, torch.Tensor] = {key: torch.cat(rows)[index] for key, rows in encoded.items()}
         self.captions: list[str] = [captions[i] for i in keep]
         self.splits: list[str | None] = [splits[i] for i in keep]
 
@@ -472,12 +564,17 @@ class ShardDataset:
         return len(self.captions)
 
     def batch(self, indices) -> dict:
-        """Pixels scaled to [-1, 1] as float32 (B, 3, R, R), with the matching losers and captions."""
+        """Pixels scaled to [-1, 1] as float32 (B, 3, R, R), with the matching losers, captions and each image's
+        (original height, original width, crop top, crop left); and the loaded `encodings` of those samples
+        (latent_mean, latent_logvar, loser_latent_mean, loser_latent_logvar, prompt_hidden, prompt_pooled)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return {
             "pixels": to_unit_range(self.winners[index]),
             "loser_pixels": None if self.losers is None else to_unit_range(self.losers[index]),
+            "geometry": self.geometry["winner"][index],
+            "loser_geometry": self.geometry["loser"][index] if "loser" in self.geometry else None,
             "captions": [self.captions[i] for i in index.tolist()],
+            **{key: encoded[index] for key, encoded in self.encodings.items()},
         }
 
 

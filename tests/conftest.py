@@ -27,6 +27,16 @@ def base_model(toy_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_model(toy_world, tmp_path_factory):
+    """The SDXL-shaped toy base (two text encoders, pooled embedding, time ids), briefly bootstrapped."""
+    output = str(tmp_path_factory.mktemp("toy") / "sdxl-base")
+    overrides = {"world": toy_world, "output": output, "vae_steps": 30, "unet_steps": 30, "unet_batch_size": 16,
+                 "family": "sdxl"}
+    run_bootstrap(config.load("bootstrap", None, overrides))
+    return output
+
+
+@pytest.fixture(scope="session")
 def prepared(toy_world, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("toy") / "prepared")
     run_prepare(config.load("prepare", None, {"source": toy_world, "output": output}))

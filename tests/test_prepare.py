@@ -152,6 +152,27 @@ def test_jsonl_file_with_losers_keeps_pairs_relative_to_the_file(tmp_path):
     assert_color(data.losers[0], BLUE, tolerance=0)
 
 
+def test_each_images_original_size_and_crop_are_kept_for_sdxl(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "wide.png").write_bytes(encode(RED, size=(40, 20)))
+    (tmp_path / "data" / "tall.png").write_bytes(encode(BLUE, size=(10, 30)))
+    # Stored 30 wide and 12 high, shown rotated by 90° (EXIF orientation 6): the original is 12 wide, 30 high.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 12), GREEN).save(buffer, format="JPEG", exif=exif)
+    (tmp_path / "data" / "rotated.jpg").write_bytes(buffer.getvalue())
+    write_jsonl(tmp_path / "data" / "pairs.jsonl", [{"file": "wide.png", "loser": "tall.png", "caption": "c"},
+                                                    {"file": "rotated.jpg", "loser": "wide.png", "caption": "d"}])
+
+    prepare(str(tmp_path / "data" / "pairs.jsonl"), str(tmp_path / "out"), resolution=R, keep_pairs=True)
+
+    batch = ShardDataset(str(tmp_path / "out")).batch([0, 1])
+    # (original height, width, crop top, left): 40x20 → 16x8, crop left 4; 12x30 → 8x20, crop top 6; 10x30 → 8x24.
+    assert batch["geometry"].tolist() == [[20, 40, 0, 4], [30, 12, 6, 0]]
+    assert batch["loser_geometry"].tolist() == [[30, 10, 8, 0], [20, 40, 0, 4]]
+
+
 def test_jsonl_missing_keys_is_a_format_error(tmp_path):
     (tmp_path / "src").mkdir()
     write_jsonl(tmp_path / "src" / "metadata.jsonl", [{"image": "a.png", "caption": "c"}])
@@ -244,8 +265,11 @@ def test_resize_scales_the_shorter_side_then_center_crops():
     image.paste(GREEN, (12, 0, 36, 24))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    pixels = torch.tensor(to_pixels(buffer.getvalue(), 16, max_pixels=48 * 24)).permute(2, 0, 1)
+    prepared = to_pixels(buffer.getvalue(), 16, max_pixels=48 * 24)
+    pixels = torch.tensor(prepared.pixels).permute(2, 0, 1)
     assert pixels.shape == (3, 16, 16)
+    # SDXL's conditioning: original (height, width), then the crop's (top, left) in the 32x16 resized image.
+    assert prepared.geometry == (24, 48, 0, 8)
     # Bicubic blends a pixel or two across the blue/green edges; the interior is pure green.
     assert (pixels[:, :, 2:14] == torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1)).all()
 

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -6,10 +8,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from safetensors.torch import load_file
-from s3server import BUCKET
+from s3proxy import Fault, S3Proxy
+from s3server import BUCKET, apply_env, restore_env
 
 from sspo import config, storage
 from sspo.run_store import RunStore, read_log
@@ -52,12 +56,13 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
 
 
-def kill_between_checkpoints(command: list[str], log_file: Path, cwd: Path) -> None:
-    """Start `command` and SIGKILL it once step 5 is logged: after checkpoint 4 was published, before 8."""
+def kill_between_checkpoints(command: list[str], log_file: Path, cwd: Path, published: Callable[[], bool]) -> None:
+    """Start `command` and SIGKILL it once step 5 is logged and `published()` says checkpoint 4 is (it is published
+    in the background): before checkpoint 8."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        if log_file.exists() and log_file.read_text().count("\n") >= 5:
+        if log_file.exists() and log_file.read_text().count("\n") >= 5 and published():
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -65,9 +70,11 @@ def kill_between_checkpoints(command: list[str], log_file: Path, cwd: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("output_kind, lora_rank", [("local", 0), ("local", 4), ("s3", 0)])
+@pytest.mark.parametrize("output_kind, lora_rank, model", [("local", 0, "base_model"), ("local", 4, "base_model"),
+                                                           ("s3", 0, "base_model"), ("local", 4, "sdxl_model")])
 def test_killed_and_resumed_run_ends_bit_identical_and_logs_each_step_once(
-        base_model, prepared, tmp_path, monkeypatch, request, output_kind, lora_rank):
+        prepared, tmp_path, monkeypatch, request, output_kind, lora_rank, model):
+    base_model = request.getfixturevalue(model)
     train(base_model, prepared, tmp_path / "straight", lora_rank=lora_rank, **RESUME)
     if output_kind == "s3":
         server = request.getfixturevalue("s3")
@@ -78,7 +85,8 @@ def test_killed_and_resumed_run_ends_bit_identical_and_logs_each_step_once(
         output = str(tmp_path / "resumed")
     store = RunStore(output)
     common = flags({"model": base_model, "data": prepared, "output": output, "lora_rank": lora_rank, **RESUME})
-    kill_between_checkpoints(sspo_command("train", *common), store.local / "train_log.jsonl", tmp_path)
+    kill_between_checkpoints(sspo_command("train", *common), store.local / "train_log.jsonl", tmp_path,
+                             lambda: store.latest_checkpoint() == store.checkpoint_url(4))
     assert store.latest_checkpoint() == store.checkpoint_url(4)
     if output_kind == "s3":
         shutil.rmtree(store.local)  # a retried pod starts with an empty local folder
@@ -110,6 +118,65 @@ def test_two_process_cpu_run(base_model, prepared, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "manifest.json").exists()
+
+
+@contextlib.contextmanager
+def through_proxy(server, fault: Fault):
+    """This process's S3 requests go through a proxy in front of `server` that injects `fault`."""
+    from s3fs import S3FileSystem
+
+    proxy = S3Proxy(server.port)
+    proxy.start()
+    proxy.inject(fault)
+    previous = apply_env({"AWS_ENDPOINT_URL": proxy.endpoint})
+    S3FileSystem.clear_instance_cache()  # cached instances talk to the server directly
+    try:
+        yield
+    finally:
+        restore_env(previous)
+        S3FileSystem.clear_instance_cache()
+        proxy.stop()
+
+
+def checkpoint_contents(output: str, step: int) -> tuple[dict, dict]:
+    """(weights and optimizer tensors, training state without the run's config) of a published checkpoint."""
+    url = RunStore(output).checkpoint_url(step)
+    tensors = {name: load_file(storage.fetch_file(url, name)) for name in ("unet.safetensors", "optimizer.safetensors")}
+    state = storage.read_json(storage.join(url, "training_state.json"))
+    state.pop("config")
+    return tensors, state
+
+
+@pytest.mark.parametrize("output_kind", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_checkpoints_published_in_the_background_leave_the_run_bit_identical(
+        base_model, prepared, tmp_path, request, caplog, output_kind):
+    """The same run with async_checkpoint off and on: same log, same checkpoints. With `latest` replay each
+    checkpoint is the next step's reference; on S3, slowed uploads keep it unpublished then, so replay reads its
+    local copy."""
+    values = {"steps": 6, "replay": "latest"}
+    caplog.set_level(logging.DEBUG, logger="sspo.train.trainer")
+    if output_kind == "s3":
+        outputs = {mode: f"s3://{BUCKET}/background-{uuid.uuid4().hex[:8]}" for mode in (False, True)}
+        with through_proxy(request.getfixturevalue("s3"), Fault("slow", "PUT", "/checkpoints/", count=10**6,
+                                                                seconds=0.2)):
+            summaries = {mode: train(base_model, prepared, outputs[mode], async_checkpoint=mode, **values)
+                         for mode in (False, True)}
+        assert "from its local copy, not yet published" in caplog.text
+    else:
+        outputs = {mode: str(tmp_path / f"async-{mode}") for mode in (False, True)}
+        summaries = {mode: train(base_model, prepared, outputs[mode], async_checkpoint=mode, **values)
+                     for mode in (False, True)}
+    assert without_timings(read_log(outputs[True])) == without_timings(read_log(outputs[False]))
+    for step in (2, 4, 6):
+        (tensors, state), (expected_tensors, expected_state) = (checkpoint_contents(outputs[mode], step)
+                                                                 for mode in (True, False))
+        assert state == expected_state
+        for name, expected in expected_tensors.items():
+            assert tensors[name].keys() == expected.keys()
+            assert all(tensors[name][key].equal(expected[key]) for key in expected), f"step {step}: {name} differs"
+    # synchronous saves hold the training up for the whole write and publish
+    assert summaries[False]["checkpoint_wait_seconds"] >= summaries[False]["checkpoint_publish_seconds"] > 0
+    assert summaries[True]["checkpoint_publish_seconds"] > 0
 
 
 def test_bad_objective_is_one_clear_error(base_model, prepared, tmp_path):

@@ -27,7 +27,7 @@ from sspo.run_store import resolve_checkpoint
 from sspo.models import apply_checkpoint, load_components
 from sspo.prepare import disk_full_as_error
 from sspo.progress import Progress
-from sspo.sampling import decode_to_uint8, encode_prompts, sample_latents
+from sspo.sampling import decode_to_uint8, sample_latents
 from sspo.toy.world import ATTRIBUTES, Scene
 from sspo.train.replay import counter_rng
 
@@ -43,12 +43,12 @@ def generate(parts, unet, prompts: list[str], seeds: list[int], cfg: EvaluateCon
     """uint8 images of shape (len(prompts), len(seeds), H, W, 3)."""
     shape = (unet.config.in_channels, parts.latent_size, parts.latent_size)
     jobs = [(p, s) for p in range(len(prompts)) for s in seeds]
-    uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    uncond = parts.unconditional()
     images = []
     progress = Progress(len(jobs), desc)
     for start in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[start : start + cfg.batch_size]
-        cond = encode_prompts(parts.tokenizer, parts.text_encoder, [prompts[p] for p, _ in chunk])
+        cond = parts.encode([prompts[p] for p, _ in chunk])
         noise = torch.stack([initial_noise(s, p, shape) for p, s in chunk])
         latents = sample_latents(unet, parts.sample_scheduler, cond, uncond, noise, cfg.sample_steps, cfg.guidance)
         images.append(decode_to_uint8(parts.vae, latents).numpy())

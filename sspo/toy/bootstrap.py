@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from sspo import storage
+from sspo.conditioning import Conditioning, encode_text, time_ids, uncropped_geometry
 from sspo.config import BootstrapConfig
 from sspo.models import denoising_target
 from sspo.progress import Progress
 from sspo.toy import model as toy_model
-from sspo.toy.world import COLORS, POSITIONS, SHAPES, Scene
+from sspo.toy.world import COLORS, POSITIONS, RESOLUTION, SHAPES, Scene
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +62,29 @@ def train_vae(vae, images: torch.Tensor, cfg: BootstrapConfig, generator: torch.
     return loss.item()
 
 
-def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, cfg, generator):
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+def train_denoiser(unet, text_encoders, tokenizer, scheduler, latent_mean, latent_std, captions, cfg, generator):
+    """Train the UNet and its text encoders together. Dropped captions teach the unconditional branch that
+    classifier-free guidance needs: the empty prompt for SD, zero embeddings for SDXL (its pipeline's default)."""
+    parameters = list(unet.parameters()) + [p for encoder in text_encoders for p in encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.0)
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    ids = ids.input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    empty_ids = empty_ids.input_ids
+    sdxl = len(text_encoders) == 2
     progress = Progress(cfg.unet_steps, "bootstrap unet")
     for _ in range(cfg.unet_steps):
         index = torch.randint(len(captions), (cfg.unet_batch_size,), generator=generator)
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
-        batch_ids = ids[index].clone()
-        # Dropped captions teach the unconditional branch that classifier-free guidance needs.
         dropped = torch.rand(len(index), generator=generator) < cfg.uncond_prob
-        batch_ids[dropped] = empty_ids
+        texts = [captions[i] for i in index.tolist()]
+        if not sdxl:
+            texts = ["" if drop else text for text, drop in zip(texts, dropped.tolist())]
+        cond = encode_text(text_encoders, [tokenizer] * len(text_encoders), texts)
+        if sdxl:
+            kept = (~dropped).float()
+            cond = Conditioning(cond.hidden * kept[:, None, None], cond.pooled * kept[:, None])
+        cond = cond.with_time_ids(time_ids(uncropped_geometry(len(index), RESOLUTION), RESOLUTION))
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(batch_ids)[0]).sample
+        prediction = unet(noisy, timesteps, **cond.unet_kwargs()).sample
         loss = torch.nn.functional.mse_loss(prediction, denoising_target(scheduler, latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,12 +118,12 @@ def bootstrap(cfg: BootstrapConfig, staging: Path) -> dict:
     rng = np.random.default_rng(cfg.seed)
     captions = [corrupt_scene(scene, noise, rng).prompt for scene in scenes]
     tokenizer = toy_model.build_tokenizer()
-    text_encoder = toy_model.build_text_encoder(tokenizer)
-    unet = toy_model.build_unet(latent_size=latent_mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
+    text_encoders = toy_model.build_text_encoders(cfg.family, tokenizer)
+    unet = toy_model.build_unet(latent_mean.shape[-1], text_encoders)
     scheduler = toy_model.build_noise_scheduler(cfg.prediction_type)
     unet_loss = train_denoiser(
         unet,
-        text_encoder,
+        text_encoders,
         tokenizer,
         scheduler,
         latent_mean * scaling_factor,
@@ -127,7 +132,7 @@ def bootstrap(cfg: BootstrapConfig, staging: Path) -> dict:
         cfg,
         generator,
     )
-    toy_model.save_pipeline_folder(staging, vae, text_encoder, tokenizer, unet, scheduler)
+    toy_model.save_pipeline_folder(staging, vae, text_encoders, tokenizer, unet, scheduler)
     wrong = sum(c != s.prompt for c, s in zip(captions, scenes)) / len(scenes)
     return {
         "vae_final_loss": vae_loss,

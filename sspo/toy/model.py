@@ -1,8 +1,9 @@
-"""A tiny Stable-Diffusion-shaped model built from configs and saved in the diffusers folder layout.
+"""A tiny Stable-Diffusion-shaped (or SDXL-shaped) model built from configs and saved in the diffusers folder layout.
 
 The toy model and SD-1.x share every code path: AutoencoderKL, CLIPTextModel, a tokenizer, UNet2DConditionModel,
-DDPM for training and DDIM for sampling. The tokenizer is a word-level `tokenizers` model wrapped in
-PreTrainedTokenizerFast, so it needs no download.
+DDPM for training and DDIM for sampling. The SDXL-shaped one adds SDXL's second text encoder (with projection) and
+tokenizer, and a UNet conditioned on the pooled text embedding and the time ids. The tokenizer is a word-level
+`tokenizers` model wrapped in PreTrainedTokenizerFast, so it needs no download.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from sspo.toy.world import RESOLUTION, vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_TOKENS = 12
+FAMILIES = ("sd", "sdxl")
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# SDXL's added conditioning: each of the six time ids is embedded in this many sinusoidal features.
+ADDITION_TIME_EMBED_DIM = 8
+POOLED_DIM = 32
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -39,7 +45,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+def build_text_encoder(tokenizer: PreTrainedTokenizerFast, projection_dim: int = 0):
+    """A CLIP text encoder; with `projection_dim`, SDXL's second encoder, whose projection is the pooled embedding."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -50,8 +57,9 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or 512,
     )
-    encoder = CLIPTextModel(config)
+    encoder = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
     # With the default std-0.02 init, rarely contrasted words (positions) collapse and never get a useful gradient.
     torch.nn.init.normal_(encoder.get_input_embeddings().weight, std=1.0)
     return encoder
@@ -71,7 +79,22 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet(latent_size: int, cross_attention_dim: int = 64) -> UNet2DConditionModel:
+def build_text_encoders(family: str, tokenizer: PreTrainedTokenizerFast) -> list:
+    if family == "sdxl":
+        return [build_text_encoder(tokenizer), build_text_encoder(tokenizer, projection_dim=POOLED_DIM)]
+    return [build_text_encoder(tokenizer)]
+
+
+def build_unet(latent_size: int, text_encoders: list) -> UNet2DConditionModel:
+    """A UNet attending to the concatenated hidden states of `text_encoders`; with two (SDXL), it also takes the
+    pooled embedding of the second and the time ids."""
+    sdxl = {}
+    if len(text_encoders) == 2:
+        sdxl = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM + POOLED_DIM,
+        }
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
@@ -80,9 +103,10 @@ def build_unet(latent_size: int, cross_attention_dim: int = 64) -> UNet2DConditi
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(64, 128),
         layers_per_block=1,
-        cross_attention_dim=cross_attention_dim,
+        cross_attention_dim=sum(encoder.config.hidden_size for encoder in text_encoders),
         attention_head_dim=8,
         norm_num_groups=32,
+        **sdxl,
     )
 
 
@@ -99,29 +123,35 @@ def build_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 
 
 def save_pipeline_folder(
-    directory: Path, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler
+    directory: Path, vae: AutoencoderKL, text_encoders: list, tokenizer, unet: UNet2DConditionModel, scheduler
 ) -> None:
-    """Write the standard StableDiffusionPipeline folder that diffusers' from_pretrained(dir) loads offline."""
+    """Write the StableDiffusionPipeline (one text encoder) or StableDiffusionXLPipeline (two) folder that
+    diffusers' from_pretrained(dir) loads offline. Both SDXL encoders share the toy tokenizer."""
     directory = Path(directory)
-    vae.save_pretrained(directory / "vae")
-    text_encoder.save_pretrained(directory / "text_encoder")
-    tokenizer.save_pretrained(directory / "tokenizer")
-    unet.save_pretrained(directory / "unet")
-    scheduler.save_pretrained(directory / "scheduler")
+    sdxl = len(text_encoders) == 2
     model_index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": PIPELINE_CLASSES["sdxl" if sdxl else "sd"],
         "_diffusers_version": _diffusers_version(),
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", type(scheduler).__name__],
-        "text_encoder": ["transformers", type(text_encoder).__name__],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
         "unet": ["diffusers", type(unet).__name__],
         "vae": ["diffusers", type(vae).__name__],
     }
-    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    if sdxl:
+        model_index["force_zeros_for_empty_prompt"] = True
+    else:
+        model_index.update({"requires_safety_checker": False, "safety_checker": [None, None]})
+    vae.save_pretrained(directory / "vae")
+    for index, encoder in enumerate(text_encoders):
+        suffix = f"_{index + 1}" if index else ""
+        encoder.save_pretrained(directory / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(directory / f"tokenizer{suffix}")
+        model_index[f"text_encoder{suffix}"] = ["transformers", type(encoder).__name__]
+        model_index[f"tokenizer{suffix}"] = ["transformers", type(tokenizer).__name__]
+    unet.save_pretrained(directory / "unet")
+    scheduler.save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True))
 
 
 def _diffusers_version() -> str:

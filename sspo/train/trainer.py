@@ -1,4 +1,4 @@
-"""The training loop: SSPO (and the sft, dpo, spin baselines) on a diffusers SD-1.x/2.x model.
+"""The training loop: SSPO (and the sft, dpo, spin baselines) on a diffusers SD-1.x/2.x or SDXL model.
 
 Read it top to bottom: `Trainer.__init__` sets up data, model, reference and optimizer and resumes from the latest
 checkpoint; `run` does one optimizer step per loop iteration, each made of `micro_step`s, and `save`s a checkpoint
@@ -11,6 +11,7 @@ would have done.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -27,12 +28,14 @@ from sspo import faults, objectives, storage, telemetry
 from sspo.config import TrainConfig, to_json
 from sspo.cpu import configure_threads
 from sspo.errors import SSPOError
-from sspo.models import base_unet_weights, denoising_target, load_components, lora_config, per_sample_error
+from sspo.models import (base_unet_weights, check_encodings, denoising_target, latent_sample, load_components,
+                         lora_config, per_sample_error, prompt_conditioning)
 from sspo.prepare import ShardDataset
 from sspo.progress import Progress
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, RunStore, checkpoint_files, resolve_checkpoint
-from sspo.sampling import encode_prompts, sample_latents
+from sspo.sampling import make_sampler, sample_latents
 from sspo.train.checkpoint import read_training_state, write_checkpoint
+from sspo.train.publisher import CheckpointPublisher, cpu_snapshot
 from sspo.train.replay import BASE, FullReference, LoraReference, counter_rng, draw_index, load_safetensors
 
 log = logging.getLogger(__name__)
@@ -42,12 +45,21 @@ def torch_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(counter_rng(*keys).integers(2**62)))
 
 
+@functools.lru_cache(maxsize=2)  # a batch may straddle two epochs
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of one epoch, drawn once for all its batches: a million samples take ~20 ms to
+    permute, which every sample of every batch paid before."""
+    order = counter_rng(seed, 3, epoch).permutation(num_samples)
+    order.flags.writeable = False  # shared by every caller
+    return order
+
+
 def batch_indices(num_samples: int, seed: int, position: int, batch_size: int) -> list[int]:
     """Samples `position .. position+batch_size` of an endless stream of seeded per-epoch permutations."""
     indices = []
     for p in range(position, position + batch_size):
         epoch, offset = divmod(p, num_samples)
-        indices.append(int(counter_rng(seed, 3, epoch).permutation(num_samples)[offset]))
+        indices.append(int(epoch_order(num_samples, seed, epoch)[offset]))
     return indices
 
 
@@ -75,8 +87,8 @@ def replay_entries(cfg: TrainConfig) -> list[str]:
 
 # Settings a resumed run may change: how long it runs, how often it saves, memory and telemetry. Any other change
 # would make the run something else than what its checkpoints and lineage say.
-RESUMABLE_SETTINGS = {"output", "steps", "save_every", "replay_cache_size", "gradient_checkpointing", "threads",
-                      "metrics_port", "pushgateway"}
+RESUMABLE_SETTINGS = {"output", "steps", "save_every", "async_checkpoint", "replay_cache_size",
+                      "gradient_checkpointing", "threads", "use_encodings", "metrics_port", "pushgateway"}
 
 
 def recorded_settings(cfg: TrainConfig) -> dict:
@@ -119,14 +131,14 @@ class Trainer:
         self.store = RunStore(cfg.output)
 
         # -- data
-        self.data = ShardDataset(cfg.data, split=cfg.data_split or None)
+        self.data = ShardDataset(cfg.data, split=cfg.data_split or None, encodings=cfg.use_encodings)
         if self.objective.losing_image == "loser" and self.data.losers is None:
             raise SSPOError(f"objective={cfg.objective} needs paired data: prepare {cfg.data} with --keep-pairs")
 
         # -- model, reference and optimizer
-        self.parts = load_components(cfg.model)
-        self.parts.vae.to(self.device)
-        self.parts.text_encoder.to(self.device)
+        self.parts = load_components(cfg.model).to(self.device)
+        if self.data.encoded_with is not None:
+            check_encodings(self.data.encoded_with, self.parts, cfg.data, cfg.model)
         unet = self.parts.unet
         torch.manual_seed(cfg.seed)
         if cfg.lora_rank:
@@ -153,15 +165,27 @@ class Trainer:
             self.store.write_config(to_json(cfg))
             logged = self.store.start_log(self.step)
             self.last_logged = logged[-1] if logged else {}  # a run resumed at its last step still reports them
-        self.uncond = encode_prompts(self.parts.tokenizer, self.parts.text_encoder, [""])
+        self.uncond = self.parts.unconditional()
+        self.sampler = make_sampler(cfg.sampler, self.parts.noise_scheduler.config)
         self.scaling = self.parts.vae.config.scaling_factor
         self.num_timesteps = self.parts.noise_scheduler.config.num_train_timesteps
+        self.publisher = CheckpointPublisher(self.store, cfg.async_checkpoint,
+                                             self.store.checkpoint_url(self.step) if self.step else None)
 
     def load_pool_entry(self, entry: str) -> dict:
-        """Weights of a replay pool entry: θ₀'s UNet file, or a checkpoint's weights file (checked against its
-        manifest; nothing else of the checkpoint is fetched)."""
+        """Weights of a replay pool entry: θ₀'s UNet file, the local staging copy of this run's checkpoint still
+        being published, or a checkpoint's weights file (checked against its manifest; nothing else of the
+        checkpoint is fetched)."""
         if entry == BASE:
             return load_safetensors(base_unet_weights(self.parts.path))
+        staged = self.publisher.local_copy(entry)
+        if staged is not None:
+            try:
+                weights = load_safetensors(staged / CHECKPOINT_WEIGHTS)
+                log.debug("replaying %s from its local copy, not yet published", entry)
+                return weights
+            except FileNotFoundError:
+                pass  # published meanwhile, and a remote run's staging removed
         return load_safetensors(storage.fetch_file(self.store.entry_url(entry), CHECKPOINT_WEIGHTS))
 
     def resume(self, unet, optimizer) -> tuple[int, list[str]]:
@@ -208,11 +232,13 @@ class Trainer:
             return torch.randint(self.num_timesteps, (n,), generator=generator).to(device)
 
         with torch.no_grad():
-            cond = encode_prompts(parts.tokenizer, parts.text_encoder, batch["captions"])
-            winner = parts.vae.encode(batch["pixels"].to(device)).latent_dist.sample(generator) * self.scaling
+            cond = prompt_conditioning(parts, batch)
+            cond_w = cond.with_time_ids(parts.time_ids(batch["geometry"]))
+            winner = latent_sample(parts, batch, generator) * self.scaling
         if self.objective.reference is None:
             noise, t = randn(winner.shape), timesteps(len(winner))
-            prediction = self.unet(parts.noise_scheduler.add_noise(winner, noise, t), t, cond).sample
+            noisy = parts.noise_scheduler.add_noise(winner, noise, t)
+            prediction = self.unet(noisy, t, **cond_w.unet_kwargs()).sample
             target = denoising_target(parts.noise_scheduler, winner, noise, t)
             return self.objective.loss(objectives.PairErrors(per_sample_error(prediction, target)), cfg.beta, cfg.ssr)
 
@@ -223,10 +249,11 @@ class Trainer:
 
         with torch.no_grad(), self.reference.model() as reference_unet:
             if self.objective.losing_image == "loser":
-                pixels = batch["loser_pixels"].to(device)
-                losing = parts.vae.encode(pixels).latent_dist.sample(generator) * self.scaling
+                losing = latent_sample(parts, batch, generator, "loser") * self.scaling
+                cond_l = cond.with_time_ids(parts.time_ids(batch["loser_geometry"]))
             else:
-                losing = sample_latents(reference_unet, parts.sample_scheduler, cond, self.uncond,
+                cond_l = cond  # a self-sample is a generated image: uncropped, at the model's resolution
+                losing = sample_latents(reference_unet, self.sampler, cond, self.uncond,
                                         randn(winner.shape), cfg.sample_steps, cfg.guidance)
             noise_w, t_w = randn(winner.shape), timesteps(len(winner))
             noise_l, t_l = (noise_w, t_w) if cfg.shared_noise else (randn(winner.shape), timesteps(len(winner)))
@@ -234,15 +261,17 @@ class Trainer:
                                parts.noise_scheduler.add_noise(losing, noise_l, t_l)])
             target = torch.cat([denoising_target(parts.noise_scheduler, winner, noise_w, t_w),
                                 denoising_target(parts.noise_scheduler, losing, noise_l, t_l)])
-            t, context = torch.cat([t_w, t_l]), torch.cat([cond, cond])
-            err_w_ref, err_l_ref = per_sample_error(reference_unet(noisy, t, context).sample, target).chunk(2)
-        err_w, err_l = per_sample_error(self.unet(noisy, t, context).sample, target).chunk(2)
+            t, context = torch.cat([t_w, t_l]), cond_w.cat(cond_l).unet_kwargs()
+            err_w_ref, err_l_ref = per_sample_error(reference_unet(noisy, t, **context).sample, target).chunk(2)
+        err_w, err_l = per_sample_error(self.unet(noisy, t, **context).sample, target).chunk(2)
         loss, stats = self.objective.loss(objectives.PairErrors(err_w, err_w_ref, err_l, err_l_ref), cfg.beta, cfg.ssr)
         return loss, {**stats, "ref_index": index}
 
     def save(self, step: int) -> None:
         """Publish a checkpoint of `step`; every `save_every` steps it also joins the replay pool. Weights that are
-        not finite are never published."""
+        not finite are never published. With `async_checkpoint` the step pays only for waiting on the previous
+        checkpoint, if it is still being published, and for a snapshot of the state in CPU memory; the files are
+        written and published in the background."""
         cfg = self.cfg
         pool_after = [*self.pool, self.store.pool_entry(step)] if step % cfg.save_every == 0 else self.pool
         model = self.accelerator.unwrap_model(self.unet)
@@ -251,6 +280,7 @@ class Trainer:
         if broken is not None:
             self.stop_not_finite(f"after step {step} the weight {broken} holds NaN or inf values")
         if self.is_main:
+            self.publisher.wait()  # one checkpoint in flight at most: one snapshot in memory
             settings = recorded_settings(cfg)
             info = {
                 "kind": weights_kind(cfg),
@@ -269,11 +299,14 @@ class Trainer:
                 "seed": cfg.seed,
                 "config": settings,
             }
-            write_checkpoint(self.store.checkpoint_staging(step), weights, info, self.optimizer.state_dict(), state)
-            faults.point("checkpoint-written")
-            with telemetry.checkpoint_publish_seconds.time():
-                self.store.publish_checkpoint(step)
-        self.accelerator.wait_for_everyone()
+            optimizer_state = self.optimizer.state_dict()
+            if cfg.async_checkpoint:  # the next steps change these tensors in place while the worker writes them
+                weights, optimizer_state, state = cpu_snapshot((weights, optimizer_state, state))
+            self.publisher.submit(step, lambda directory: write_checkpoint(directory, weights, info, optimizer_state,
+                                                                           state))
+        else:
+            self.publisher.follow(step)
+        self.accelerator.wait_for_everyone()  # the other processes wait for the snapshot, not for the upload
         self.pool = pool_after
 
     def loss_is_finite_everywhere(self, loss: float) -> bool:
@@ -286,6 +319,7 @@ class Trainer:
         them), name the last good checkpoint and end in one line."""
         if self.is_main:
             telemetry.push_failure("train", self.cfg.pushgateway)
+        self.publisher.close()  # the checkpoint in flight holds good weights: published before naming the last one
         latest = self.store.latest_checkpoint()
         kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was published"
         raise SSPOError(f"training stopped: {what}; {kept} (lower the learning rate or check the data)")
@@ -294,40 +328,52 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         progress = Progress(cfg.steps, f"train {cfg.objective}", initial=self.step, enabled=self.is_main)
         last_stats = self.last_logged
-        while self.step < cfg.steps:
-            started = time.perf_counter()
-            step_stats: list[dict] = []
-            for micro in range(cfg.gradient_accumulation_steps):
-                with accelerator.accumulate(self.unet), accelerator.autocast():
-                    loss, stats = self.micro_step(self.step, micro)
-                    loss = faults.loss_at_step(loss, self.step + 1)  # deterministic NaN tests; no-op otherwise
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                step_stats.append({"loss": loss.item(), **stats})
-            self.lr_scheduler.step()
-            self.step += 1
-            # Fault points (sspo.faults) let the fault tests kill a run in each window deterministically.
-            faults.point("train-step-done")
-            last_stats = {key: float(np.mean([s[key] for s in step_stats])) for key in step_stats[0]}
-            last_stats = {"step": self.step, **last_stats, "lr": self.lr_scheduler.get_last_lr()[0],
-                          "seconds": time.perf_counter() - started}
-            if self.is_main:
-                self.store.append_log(last_stats)
-                telemetry.record_step(last_stats, cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size)
-            faults.point("train-step-logged")
-            if not self.loss_is_finite_everywhere(last_stats["loss"]):
-                self.stop_not_finite(f"step {self.step} has a loss of {last_stats['loss']}")
-            progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save(self.step)
+        try:
+            while self.step < cfg.steps:
+                self.publisher.check()  # a checkpoint that failed in the background stops the run
+                started = time.perf_counter()
+                step_stats: list[dict] = []
+                for micro in range(cfg.gradient_accumulation_steps):
+                    with accelerator.accumulate(self.unet), accelerator.autocast():
+                        loss, stats = self.micro_step(self.step, micro)
+                        loss = faults.loss_at_step(loss, self.step + 1)  # deterministic NaN tests; no-op otherwise
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    step_stats.append({"loss": loss.item(), **stats})
+                self.lr_scheduler.step()
+                self.step += 1
+                # Fault points (sspo.faults) let the fault tests kill a run in each window deterministically.
+                faults.point("train-step-done")
+                last_stats = {key: float(np.mean([s[key] for s in step_stats])) for key in step_stats[0]}
+                last_stats = {"step": self.step, **last_stats, "lr": self.lr_scheduler.get_last_lr()[0],
+                              "seconds": time.perf_counter() - started}
+                if self.is_main:
+                    self.store.append_log(last_stats)
+                    telemetry.record_step(last_stats,
+                                          cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size)
+                faults.point("train-step-logged")
+                if not self.loss_is_finite_everywhere(last_stats["loss"]):
+                    self.stop_not_finite(f"step {self.step} has a loss of {last_stats['loss']}")
+                progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save(self.step)
+            self.publisher.wait()
+        except BaseException:
+            self.publisher.close()  # whatever stops the run, the checkpoint in flight is published first
+            raise
         progress.close()
         self.reference.close()
         if not self.is_main:
             return {}
+        publisher = self.publisher
+        log.info("checkpoints took %.2f s to write and publish; training waited %.2f s for them",
+                 publisher.publish_seconds, publisher.wait_seconds)
         summary = {"final_step": self.step, "checkpoint": self.store.checkpoint_url(self.step),
-                   "pool_size": len(self.pool), **{f"final_{k}": v for k, v in last_stats.items() if k != "step"}}
+                   "pool_size": len(self.pool), **{f"final_{k}": v for k, v in last_stats.items() if k != "step"},
+                   "checkpoint_publish_seconds": publisher.publish_seconds,
+                   "checkpoint_wait_seconds": publisher.wait_seconds}
         self.store.finish(summary)
         return summary
