@@ -73,15 +73,6 @@ def registry_record(checkpoint: str) -> dict | None:
             "lineage": lineage}
 
 
-def checkpoint_info(checkpoint: str) -> dict:
-    """The checkpoint's checkpoint.json, its files checked against its manifest first."""
-    from sspo.models import read_checkpoint_info
-
-    directory = storage.fetch_dir(checkpoint)
-    storage.verify_dir(directory)
-    return read_checkpoint_info(directory, checkpoint)
-
-
 def read_evaluation(url: str, checkpoint: str, record: dict | None) -> Evaluation:
     """The evaluation at `url`; it must have evaluated this checkpoint (or the run checkpoint the version was
     registered from), or the card would show another model's scores."""
@@ -128,13 +119,13 @@ def diffusers_class(index: dict, key: str, base_url: str):
     return found
 
 
-def build_folder(checkpoint: str, info: dict, base_url: str, directory: Path) -> str:
-    """Write the diffusers folder of the trained `checkpoint` (full UNet or LoRA, as `info` says) on the base model
-    at `base_url` into `directory`; returns the name of its pipeline class."""
+def build_folder(checkpoint: str, checkpoint_dir: Path, info: dict, base_url: str, directory: Path) -> str:
+    """Write the diffusers folder of the trained `checkpoint` (read into `checkpoint_dir`: full UNet or LoRA, as
+    `info` says) on the base model at `base_url` into `directory`; returns the name of its pipeline class."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from sspo.models import apply_checkpoint
+    from sspo.models import load_checkpoint
 
     try:
         base = storage.fetch_dir(base_url)
@@ -151,7 +142,7 @@ def build_folder(checkpoint: str, info: dict, base_url: str, directory: Path) ->
         unet = unet_class.from_pretrained(base, subfolder=UNET, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise SSPOError(f"cannot load the UNet of the base model {base_url}: {err}") from None
-    apply_checkpoint(unet, checkpoint)
+    load_checkpoint(unet, checkpoint_dir, info, checkpoint)
 
     # The export writes its own manifest and card; a full fine-tune's UNet folder is written whole below (a variant
     # or .bin file of the base UNet left beside it would hold the old weights).
@@ -310,12 +301,14 @@ def export(cfg: ExportConfig) -> dict:
     # Entered first, so an existing output is refused before any model is loaded.
     with disk_full_as_error(cfg.output), storage.staged_output(cfg.output) as (staging, manifest_extra):
         checkpoint, record = resolve_source(cfg)
-        info = checkpoint_info(checkpoint)
+        from sspo.models import read_checkpoint
+
+        checkpoint_dir, info = read_checkpoint(checkpoint)
         base_url = cfg.model or info.get("base_model")
         if not base_url:
             raise SSPOError(f"{checkpoint} records no base model; pass --model URL")
         evaluation = read_evaluation(cfg.evaluation, checkpoint, record) if cfg.evaluation else None
-        pipeline = build_folder(checkpoint, info, base_url, staging)
+        pipeline = build_folder(checkpoint, checkpoint_dir, info, base_url, staging)
         summary = None
         if evaluation:
             summary = evaluation_summary(evaluation, cfg.evaluation, copy_grids(cfg.evaluation, staging / SAMPLES))

@@ -286,15 +286,26 @@ def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     return "; ".join(problems)
 
 
+def read_checkpoint(checkpoint_url: str) -> tuple[Path, dict]:
+    """(local folder, checkpoint.json) of a checkpoint, its files checked against its manifest."""
+    directory = storage.fetch_dir(checkpoint_url)
+    storage.verify_dir(directory)
+    return directory, read_checkpoint_info(directory, checkpoint_url)
+
+
 def apply_checkpoint(unet: UNet2DConditionModel, checkpoint_url: str) -> dict:
-    """Load a trained checkpoint (full UNet or LoRA adapter) into `unet`; returns its checkpoint.json.
+    """Load a trained checkpoint (full UNet or LoRA adapter) into `unet`; returns its checkpoint.json."""
+    directory, info = read_checkpoint(checkpoint_url)
+    load_checkpoint(unet, directory, info, checkpoint_url)
+    return info
+
+
+def load_checkpoint(unet: UNet2DConditionModel, directory: Path, info: dict, checkpoint_url: str) -> None:
+    """Load the weights of a checkpoint already read (`read_checkpoint`) into `unet`.
 
     The weights are checked against what checkpoint.json says they are before loading: loading is lenient (an
     adapter's state dict loads with strict=False, so a full UNet file given as an adapter would load nothing).
     """
-    directory = storage.fetch_dir(checkpoint_url)
-    storage.verify_dir(directory)
-    info = read_checkpoint_info(directory, checkpoint_url)
     try:
         weights = load_file(directory / CHECKPOINT_WEIGHTS)
     except (SafetensorError, OSError) as err:
@@ -315,7 +326,6 @@ def apply_checkpoint(unet: UNet2DConditionModel, checkpoint_url: str) -> dict:
         unet.load_state_dict(weights)
     logging.getLogger(__name__).info("applied %s checkpoint at step %s from %s", info["kind"], info.get("step"),
                                      checkpoint_url)
-    return info
 
 
 def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
