@@ -16,7 +16,6 @@ output, and never overwritten.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 import shutil
@@ -97,16 +96,6 @@ def copy_grids(evaluation_url: str, destination: Path) -> list[str]:
     return names
 
 
-def read_model_index(base: Path, base_url: str) -> dict:
-    try:
-        index = json.loads((base / MODEL_INDEX).read_text())
-    except (OSError, ValueError) as err:
-        raise SSPOError(f"{base_url} is not a diffusers folder: cannot read its {MODEL_INDEX}: {err}") from None
-    if not isinstance(index, dict):
-        raise SSPOError(f"{base_url}: its {MODEL_INDEX} holds no pipeline description")
-    return index
-
-
 def diffusers_class(index: dict, key: str, base_url: str):
     """The diffusers class that model_index.json names for `key` ('_class_name': the pipeline)."""
     import diffusers
@@ -125,7 +114,7 @@ def build_folder(checkpoint: str, checkpoint_dir: Path, info: dict, base_url: st
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from sspo.models import load_checkpoint
+    from sspo.models import load_checkpoint, read_model_index
 
     try:
         base = storage.fetch_dir(base_url)

@@ -23,6 +23,7 @@ from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+MODEL_INDEX = "model_index.json"
 # model_index.json's pipeline class → the family's name and its text encoders (folder, class).
 FAMILIES = {
     "StableDiffusionPipeline": ("sd", [("text_encoder", CLIPTextModel)]),
@@ -79,13 +80,21 @@ class Components:
         return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids)
 
 
+def read_model_index(path: Path, model_url: str) -> dict:
+    """The folder's model_index.json: its pipeline class and the class of each component."""
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text())
+    except (OSError, ValueError) as err:
+        raise SSPOError(f"{model_url} is not a diffusers folder: cannot read its {MODEL_INDEX}: {err}") from None
+    if not isinstance(index, dict):
+        raise SSPOError(f"{model_url}: its {MODEL_INDEX} holds no pipeline description")
+    return index
+
+
 def model_family(path: Path, model_url: str) -> tuple[str, list, bool]:
     """(family, text encoders to load, zero unconditional) from the folder's model_index.json."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError) as err:
-        raise SSPOError(f"{model_url} is not a diffusers folder: cannot read its model_index.json: {err}") from None
-    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    index = read_model_index(path, model_url)
+    pipeline = index.get("_class_name")
     if pipeline not in FAMILIES:
         raise SSPOError(f"{model_url} holds a {pipeline} model; supported: {', '.join(FAMILIES)}")
     family, encoders = FAMILIES[pipeline]
