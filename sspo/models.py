@@ -33,15 +33,39 @@ FAMILIES = {
 
 
 @dataclass
-class Components:
+class Encoders:
+    """A model's VAE and text encoders: all that encoding images and captions ahead of training needs."""
+
     vae: AutoencoderKL
     text_encoders: list
     tokenizers: list
+    path: Path
+    family: str
+
+    def to(self, device):
+        for module in (self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log variance) of the VAE's latent distribution of pixels in [-1, 1], unscaled."""
+        distribution = self.vae.encode(pixels.to(self.vae.device)).latent_dist
+        return distribution.mean, distribution.logvar
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> Conditioning:
+        """The prompts' text embeddings (hidden states, and SDXL's pooled embedding), without time ids."""
+        return encode_text(self.text_encoders, self.tokenizers, prompts)
+
+
+@dataclass
+class Components(Encoders):
+    """Everything training and sampling need: the encoders, the UNet and the schedulers."""
+
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     sample_scheduler: DDIMScheduler
-    path: Path
-    family: str = "sd"
     # SDXL's unconditional branch sees zero embeddings rather than the encoded empty prompt.
     zero_unconditional: bool = False
 
@@ -53,11 +77,6 @@ class Components:
     def resolution(self) -> int:
         return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device) -> Components:
-        for module in (self.vae, *self.text_encoders):
-            module.to(device)
-        return self
-
     def time_ids(self, geometry: torch.Tensor | None = None) -> torch.Tensor:
         """SDXL time ids of images with this (original size, crop) geometry; by default uncropped images at the
         model's resolution, as generated ones are."""
@@ -66,7 +85,7 @@ class Components:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """Conditioning for `prompts` (for SDXL with the time ids of a generated image)."""
-        return self.as_generated(encode_text(self.text_encoders, self.tokenizers, prompts))
+        return self.as_generated(self.embed(prompts))
 
     def as_generated(self, conditioning: Conditioning) -> Conditioning:
         """Text embeddings with the time ids of a generated image (SDXL; SD conditioning has none)."""
@@ -117,33 +136,6 @@ def tokenizer_folders(encoders: list) -> list[str]:
     return [folder.replace("text_encoder", "tokenizer") for folder, _ in encoders]
 
 
-@dataclass
-class Encoders:
-    """A model's VAE and text encoders: all that encoding images and captions ahead of training needs."""
-
-    vae: AutoencoderKL
-    text_encoders: list
-    tokenizers: list
-    path: Path
-    family: str
-
-    def to(self, device) -> Encoders:
-        for module in (self.vae, *self.text_encoders):
-            module.to(device)
-        return self
-
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log variance) of the VAE's latent distribution of pixels in [-1, 1], unscaled."""
-        distribution = self.vae.encode(pixels.to(self.vae.device)).latent_dist
-        return distribution.mean, distribution.logvar
-
-    @torch.no_grad()
-    def embed(self, prompts: list[str]) -> Conditioning:
-        """The prompts' text embeddings (hidden states, and SDXL's pooled embedding), without time ids."""
-        return encode_text(self.text_encoders, self.tokenizers, prompts)
-
-
 def read_encoders(path: Path, family: str, encoders: list) -> Encoders:
     """The VAE and text encoders of the folder, frozen."""
     loaded = Encoders(
@@ -183,16 +175,11 @@ def load_components(model_url: str) -> Components:
     path, family, encoders, zero_unconditional = open_model(model_url, ("unet", "scheduler"))
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        loaded = read_encoders(path, family, encoders)
         components = Components(
-            vae=loaded.vae,
-            text_encoders=loaded.text_encoders,
-            tokenizers=loaded.tokenizers,
+            **vars(read_encoders(path, family, encoders)),
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True),
             noise_scheduler=noise_scheduler,
             sample_scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-            path=path,
-            family=family,
             zero_unconditional=zero_unconditional,
         )
     except (OSError, ValueError, EnvironmentError) as err:
