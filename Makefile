@@ -31,6 +31,7 @@ test: setup test-deps
 
 bench: setup
 	$(BIN)/python bench/step_times.py
+	$(BIN)/python bench/prepare_throughput.py
 
 # The fault campaign (kill -9, a faulty S3 server, generated bad inputs, NaN, corrupt checkpoints) as one table.
 faults: setup
@@ -38,3 +39,9 @@ faults: setup
 
 clean-demo:
 	rm -rf data/world data/prepared models/base runs/sspo runs/registered.json eval/sspo models/exported
+
+# Builds the CPU image with podman (a stand-in base image where none can be pulled) and runs it offline: the CLI,
+# one pipeline step as a pod runs it, and the local pipeline. Installs podman with apt; needs root or sudo -n.
+.PHONY: image-test
+image-test:
+	$(PYTHON) tools/image-test

@@ -202,7 +202,7 @@ def flip_bytes(path: Path) -> None:
 
 
 def without_timings(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
 
 
 class Lab:
@@ -971,18 +971,19 @@ class PrepareInputs:
     def outcome_check(self, output: Path, kept: int, bad: int, captions: dict, pixels_check=None):
         """An accepted run: the output verifies, holds `kept` samples with their captions, counts `bad` skipped."""
         def accepted() -> str:
-            from sspo.prepare import ShardDataset
+            from sspo.train.data import ShardDataset
 
             manifest = storage.verify_dir(output)
             skipped = sum(manifest.get("skipped", {}).values())
             expect(skipped == bad and manifest["num_samples"] == kept,
                    f"kept {manifest['num_samples']} and skipped {skipped}; expected {kept} and {bad}")
             data = ShardDataset(str(output))
-            expect(tuple(data.winners.shape) == (kept, 3, 32, 32), f"shards hold {tuple(data.winners.shape)}")
+            rows = data.rows(range(len(data)))
+            expect(tuple(rows["winner"].shape) == (kept, 3, 32, 32), f"shards hold {tuple(rows['winner'].shape)}")
             for caption in captions.values():
-                expect(caption in data.captions, f"caption {caption[:40]!r}… not kept as given")
+                expect(caption in rows["captions"], f"caption {caption[:40]!r}… not kept as given")
             if pixels_check:
-                pixels_check(data.winners[data.captions.index(captions["sample"])])
+                pixels_check(rows["winner"][rows["captions"].index(captions["sample"])])
             return SKIPPED if bad else CONVERTED
         return accepted
 

@@ -11,8 +11,10 @@ Measures, in one process so the ratios share the machine's state:
   checkpoint published inline and in the background, and per checkpoint the time to write and publish it and the
   time the step waited for it;
 - the dpo and sspo steps on pairs prepared with `--encode-with` (latents and prompt embeddings stored), with the
-  stored encodings and with use_encodings off (VAE and text encoders run every step).
-The figures are also written to bench/results/step_times.json.
+  stored encodings and with use_encodings off (VAE and text encoders run every step);
+- the share of a dpo step spent reading its data (the trainer's `data_seconds`), with the data on local disk and
+  streamed from an S3 server on loopback (moto, as in the tests) through the bounded shard cache.
+The figures are also written to bench/results/step_times.json. Prepare throughput is bench/prepare_throughput.py.
 
 Usage: python bench/step_times.py [--steps 12] [--workdir DIR]
 """
@@ -28,12 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 import numpy as np
 import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from sspo import config
+from s3server import BUCKET, S3Server, apply_env, restore_env  # noqa: E402
+from sspo import config, storage
 from sspo.models import load_components, lora_config
 from sspo.sampling import make_sampler, sample_latents
 from sspo.stages import run_bootstrap, run_prepare, run_train, run_world
@@ -50,6 +55,32 @@ COMPETITOR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\
 def median_step_seconds(run_dir: Path, warmup: int = 2) -> float:
     rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     return statistics.median(row["seconds"] for row in rows[warmup:])
+
+
+def median_data_share(run_dir: Path, warmup: int = 2) -> float:
+    """The median over steps of the share of the step spent reading its data."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return statistics.median(row["data_seconds"] / row["seconds"] for row in rows[warmup:])
+
+
+def streamed_data_share(common: dict, work: Path) -> float:
+    """The data-reading share of a dpo step whose data is streamed from S3 (a moto server on loopback) through the
+    bounded local shard cache, starting with an empty cache."""
+    server = S3Server()
+    server.start()
+    previous = apply_env({**server.env(), "SSPO_CACHE": str(work / "streaming-cache")})
+    try:
+        server.ensure_bucket()
+        url = f"s3://{BUCKET}/pairs"
+        manifest = storage.read_json(storage.join(common["data"], storage.MANIFEST))
+        storage.publish_dir(Path(common["data"]), url, {key: value for key, value in manifest.items()
+                                                        if key not in ("files", "publish_id")})
+        run = work / "run-dpo-streamed"
+        run_train(config.load("train", None, {**common, "data": url, "objective": "dpo", "output": str(run)}))
+        return median_data_share(run)
+    finally:
+        restore_env(previous)
+        server.stop()
 
 
 def time_calls(function, repeats: int) -> float:
@@ -124,6 +155,7 @@ def main() -> None:
     run = work / "run-sspo-paper-sampler"
     run_train(config.load("train", None, {**common, **PAPER_SAMPLER, "objective": "sspo", "output": str(run)}))
     step["sspo, paper sampler"] = median_step_seconds(run)
+    data_share = {"local": median_data_share(work / "run-dpo"), "S3": streamed_data_share(common, work)}
     saving = {background: saving_step_seconds(common, work, background) for background in (False, True)}
     encoding = encoding_step_seconds(common, work, world, base)
 
@@ -221,6 +253,8 @@ def main() -> None:
     background_over_inline = saving[True]["step"] / saving[False]["step"]
     print(f"dpo step + save, background / inline publish: {background_over_inline:.3f}")
     print(f"dpo step, stored encodings / encoding each step: {encoding['dpo', True] / encoding['dpo', False]:.3f}")
+    for where, share in data_share.items():
+        print(f"dpo step, share spent reading data ({where}): {share:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_times.json").write_text(json.dumps({
         "device": device, "threads": torch.get_num_threads(), "batch": BATCH,
@@ -228,7 +262,8 @@ def main() -> None:
         "sspo_throughput_over_dpo": throughput["sspo"],
         "sspo_paper_sampler_throughput_over_dpo": throughput["sspo, paper sampler"],
         "save_step_background_over_inline": background_over_inline,
-        "dpo_step_stored_encodings_over_encoding_each_step": encoding["dpo", True] / encoding["dpo", False]},
+        "dpo_step_stored_encodings_over_encoding_each_step": encoding["dpo", True] / encoding["dpo", False],
+        "dpo_step_data_share": data_share},
         indent=2))
     print(f"written to {RESULTS / 'step_times.json'}")
 

@@ -17,6 +17,7 @@ from sspo.errors import SSPOError
 
 REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DEVICES = ("auto", "cuda", "cpu")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 EXPERIMENT_PHASES = ("all", "cells", "report")
 MAX_RESOLUTION = 4096  # past SDXL's 1024 and video upscalers' 2048; a typo like 100000 would need ~30 GB per image
@@ -27,8 +28,11 @@ class WorldConfig:
     """Render the toy world: images of coloured shapes with prompts, split by attribute combination."""
 
     output: str = "data/world"
-    samples_per_scene: int = field(default=40, metadata={"help": "images rendered per (colour, shape, position)"})
+    samples_per_scene: int = field(default=40, metadata={
+        "help": "images (clips) rendered per (colour, shape, position (direction))"})
     seed: int = 0
+    video: bool = field(default=False, metadata={
+        "help": "render the video world instead: 8-frame clips (GIF) of a shape moving left, right, up or down"})
 
     def validate(self):
         _require(self.samples_per_scene > 0, "samples_per_scene must be positive")
@@ -52,15 +56,19 @@ class BootstrapConfig:
     caption_noise_color: float = field(default=0.6, metadata={"help": "fraction of colours shifted to the next"})
     caption_noise_shape: float = 0.0
     caption_noise_position: float = field(default=0.6, metadata={"help": "fraction of positions shifted"})
+    caption_noise_direction: float = field(default=0.6, metadata={
+        "help": "video family: fraction of motion directions shifted"})
     prediction_type: str = field(default="epsilon", metadata={
         "help": "what the UNet predicts: epsilon (SD 1.x, SD 2.x base) or v_prediction (SD 2.x 768)"})
     family: str = field(default="sd", metadata={
-        "help": "model family: sd (SD-1.x/2.x-shaped) or sdxl (two text encoders, pooled embedding, time ids)"})
+        "help": "model family: sd (SD-1.x/2.x-shaped), sdxl (two text encoders, pooled embedding, time ids) or "
+                "video (AnimateDiff-shaped: the sd UNet with motion modules; needs a world made with --video)"})
 
     def validate(self):
         for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size"):
             _require(getattr(self, name) > 0, f"{name} must be positive")
-        for name in ("caption_noise_color", "caption_noise_shape", "caption_noise_position", "uncond_prob"):
+        for name in ("caption_noise_color", "caption_noise_shape", "caption_noise_position", "caption_noise_direction",
+                     "uncond_prob"):
             _require(0.0 <= getattr(self, name) <= 1.0, f"{name} must be between 0 and 1")
         from sspo.models import PREDICTION_TYPES  # imports torch: only when a bootstrap config is checked
 
@@ -93,14 +101,36 @@ class PrepareConfig:
         "help": "model folder path or URL whose VAE and text encoders also encode every image (latent mean and log "
                 "variance) and caption (prompt embeddings) into the shards, so training need not ('' = don't)"})
     encode_batch_size: int = field(default=16, metadata={"help": "images or captions per encoder call"})
+    shard_size: int = field(default=0, metadata={
+        "help": "samples per shard file (0 = as many as make about 256 MB of pixels: 170 pairs at 512², 42 at 1024²)"})
+    workers: int = field(default=1, metadata={
+        "help": "processes that decode and resize images; the output is the same for any number"})
+    parts: int = field(default=1, metadata={
+        "help": "split the source's files (images, records) into this many parts, each published on its own below "
+                "OUTPUT/parts and merged into one dataset; without --part every part not yet published is made, "
+                "then merged"})
+    part: int = field(default=-1, metadata={"help": "make only this part (0 to parts - 1; -1 = all)"})
+    merge: bool = field(default=False, metadata={
+        "help": "only write the dataset's manifest from its published parts"})
+    frames: int = field(default=0, metadata={
+        "help": "0: the samples are images; N: they are clips (GIFs, or folders of frame images), of which the "
+                "first N frames are kept (fewer: a bad sample)"})
 
     def validate(self):
         _require(self.format in ("auto", "folder", "jsonl", "parquet"), "format must be auto, folder, jsonl or parquet")
         _require(self.encode_batch_size > 0, "encode_batch_size must be positive")
+        _require(self.shard_size >= 0, "shard_size must be 0 (by size) or positive")
+        _require(self.workers > 0, "workers must be positive")
+        _require(self.parts > 0, "parts must be positive")
+        _require(-1 <= self.part < self.parts, "part must be -1 (all) or between 0 and parts - 1")
+        _require(self.part == -1 or not self.merge, "give part (make one part) or merge, not both")
+        _require(self.limit == 0 or self.parts == 1,
+                 "limit caps the whole dataset, which parts made on their own cannot do: use parts 1")
         _require(self.on_error in ("skip", "fail"), "on_error must be skip or fail")
         _require(8 <= self.resolution <= MAX_RESOLUTION, f"resolution must be between 8 and {MAX_RESOLUTION}")
         _require(self.limit >= 0, "limit must be 0 (all) or positive")
         _require(self.max_pixels > 0, "max_pixels must be positive")
+        _require(self.frames >= 0, "frames must be 0 (images) or positive (clips)")
 
 
 @dataclass
@@ -111,6 +141,14 @@ class TrainConfig:
     data: str = field(default="data/prepared", metadata={"help": "prepared shards path or URL"})
     output: str = field(default="runs/sspo", metadata={"help": "run folder path or URL; checkpoints go below it"})
     data_split: str = field(default="", metadata={"help": "train only on samples of this split ('' = all)"})
+    shuffle_shards: int = field(default=64, metadata={
+        "help": "shards whose samples are shuffled together; two such windows are open (and, for remote data, "
+                "cached locally) at a time"})
+    data_cache_gb: float = field(default=64.0, metadata={
+        "help": "local cache for the shards of remote data, in GiB; must hold two windows of shards"})
+    init_from: str = field(default="", metadata={
+        "help": "checkpoint, run folder or registry version whose weights a fresh run starts from, and which is θ₀ "
+                "of its replay pool ('' = the base model)"})
     objective: str = field(default="sspo", metadata={"help": "sspo, dpo, spin or sft"})
     ssr: str = field(default="sign", metadata={"help": "self-sampling regularization: sign, indicator, sft, off"})
     replay: str = field(default="uniform", metadata={"help": "reference draw: uniform, initial or latest"})
@@ -126,6 +164,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full UNet"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = same as rank)"})
+    train_modules: str = field(default="all", metadata={
+        "help": "what trains: all (the whole UNet, or LoRA on all its attention) or motion (a video model's motion "
+                "modules, or LoRA on their attention; the spatial UNet stays frozen)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint (and replay pool entry) every N steps"})
     async_checkpoint: bool = field(default=True, metadata={
         "help": "write and publish checkpoints in the background; the step pays only for a copy of the state in "
@@ -139,6 +180,10 @@ class TrainConfig:
     sample_steps: int = field(default=4, metadata={"help": "solver steps for self-samples"})
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance for self-samples"})
     mixed_precision: str = "no"
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when there is a GPU), cuda (refuse to start without one) or cpu"})
+    collective_timeout: int = field(default=1800, metadata={
+        "help": "seconds a process waits for its peers in a collective operation before it stops the run"})
     gradient_checkpointing: bool = False
     use_encodings: bool = field(default=True, metadata={
         "help": "train on the latents and prompt embeddings stored with the data (sspo prepare --encode-with) when "
@@ -170,7 +215,14 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"{name} must be positive")
         _require(self.replay_cache_size >= 2, "replay_cache_size must be at least 2 (current + prefetched)")
         _require(self.lora_rank >= 0, "lora_rank must be 0 (full fine-tune) or positive")
+        from sspo.models import TRAIN_MODULES
+
+        _require(self.train_modules in TRAIN_MODULES, f"train_modules must be one of {', '.join(TRAIN_MODULES)}")
         _require(self.threads >= 0, "threads must be 0 (from the CPU quota) or positive")
+        _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+        _require(self.collective_timeout > 0, "collective_timeout must be positive")
+        _require(self.shuffle_shards > 0, "shuffle_shards must be positive")
+        _require(self.data_cache_gb > 0, "data_cache_gb must be positive")
         _require(0 <= self.metrics_port < 65536, "metrics_port must be 0 (off) or a TCP port")
         _require(self.learning_rate > 0, "learning_rate must be positive")
 
@@ -196,6 +248,7 @@ class EvaluateConfig:
     bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the win-rate interval"})
     bootstrap_seed: int = 0
     grid_prompts: int = field(default=48, metadata={"help": "prompts per grid image (0 = all)"})
+    frames: int = field(default=8, metadata={"help": "frames per clip a video model generates"})
     pushgateway: str = field(default="", metadata={"help": "Pushgateway URL for the scores (default $SSPO_PUSHGATEWAY)"})
     rescore: str = field(default="", metadata={
         "help": "URL of a finished evaluation: score its saved images again with --scorers instead of sampling "
@@ -210,6 +263,7 @@ class EvaluateConfig:
         _require(self.bootstrap_samples > 0, "bootstrap_samples must be positive")
         _require(self.batch_size > 0, "batch_size must be positive")
         _require(self.max_prompts >= 0 and self.grid_prompts >= 0, "max_prompts and grid_prompts must be 0 or positive")
+        _require(self.frames > 0, "frames must be positive")
 
 
 @dataclass

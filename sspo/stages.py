@@ -10,7 +10,10 @@ from sspo import config, storage
 
 
 def run_world(cfg: config.WorldConfig) -> dict:
-    from sspo.toy.world import generate
+    if cfg.video:
+        from sspo.toy.video_world import generate
+    else:
+        from sspo.toy.world import generate
 
     with storage.staged_output(cfg.output) as (staging, extra):
         summary = generate(staging, cfg.samples_per_scene, cfg.seed)
@@ -42,6 +45,12 @@ def run_prepare(cfg: config.PrepareConfig) -> dict:
         max_pixels=cfg.max_pixels,
         encode_with=cfg.encode_with,
         encode_batch_size=cfg.encode_batch_size,
+        shard_size=cfg.shard_size,
+        workers=cfg.workers,
+        parts=cfg.parts,
+        part=None if cfg.part == -1 else cfg.part,
+        merge=cfg.merge,
+        frames=cfg.frames,
     )
 
 

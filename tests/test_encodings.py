@@ -13,9 +13,10 @@ from failure_tools import assert_nothing_published, assert_one_line_error
 from sspo import config
 from sspo.cli import main
 from sspo.models import latent_sample, load_components, prompt_conditioning
-from sspo.prepare import ShardDataset, prepare, to_unit_range
+from sspo.prepare import prepare, to_unit_range
 from sspo.run_store import read_log
 from sspo.stages import run_train
+from sspo.train.data import ShardDataset
 
 # 40 pairs in shards of 16 encoded 6 at a time: several shards, several encoder calls per shard, a short last one.
 SAMPLES, SHARD_SIZE, ENCODE_BATCH = 40, 16, 6
@@ -88,18 +89,21 @@ def test_sd_shards_hold_latent_distributions_and_prompt_embeddings(encoded_pairs
     assert_shards_hold_the_encoders_output(encoded_pairs, base_model, parts)
 
     data = ShardDataset(encoded_pairs)
+    stored = data.rows(range(len(data)))
     batch = data.batch([3, 0, 3])
-    assert torch.equal(batch["latent_mean"], data.encodings["latent_mean"][[3, 0, 3]])
+    assert torch.equal(batch["latent_mean"], stored["latent_mean"][[3, 0, 3]])
+    assert "pixels" not in batch and "loser_pixels" not in batch  # the latents replace the images: not read
     assert batch["latent_mean"].shape == (3, 4, parts.latent_size, parts.latent_size)
     assert batch["loser_latent_logvar"].shape == batch["latent_mean"].shape
     assert batch["prompt_hidden"].shape == (3, *parts.encode(["x"]).hidden.shape[1:])
     assert "prompt_pooled" not in batch
     # the same images as without encodings
     raw = ShardDataset(raw_pairs)
-    assert torch.equal(data.winners, raw.winners) and data.captions == raw.captions
-    assert raw.encoded_with is None and raw.encodings == {}
+    raw_rows = raw.rows(range(len(raw)))
+    assert torch.equal(stored["winner"], raw_rows["winner"]) and stored["captions"] == raw_rows["captions"]
+    assert raw.encoded_with is None and "latent_mean" not in raw_rows
     unwanted = ShardDataset(encoded_pairs, encodings=False)
-    assert unwanted.encoded_with is None and unwanted.encodings == {}
+    assert unwanted.encoded_with is None and "latent_mean" not in unwanted.rows(range(len(unwanted)))
 
 
 def test_latents_and_conditioning_come_from_the_encodings_with_the_same_random_draws(encoded_pairs, base_model):
@@ -107,8 +111,8 @@ def test_latents_and_conditioning_come_from_the_encodings_with_the_same_random_d
     indices = [5, 1, 30, 12]
     encoded = ShardDataset(encoded_pairs).batch(indices)
     raw = ShardDataset(encoded_pairs, encodings=False).batch(indices)
-    for key in ("pixels", "loser_pixels", "captions"):
-        del encoded[key]  # so the encodings alone must serve
+    assert "pixels" not in encoded and "loser_pixels" not in encoded
+    del encoded["captions"]  # so the encodings alone must serve
     generators = [torch.Generator().manual_seed(7) for _ in range(2)]
     with torch.no_grad():
         for role in ("winner", "loser"):

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,14 +16,24 @@ from PIL import Image
 
 from failure_tools import assert_nothing_published, assert_one_line_error, needs_root, sspo_on_full_disk
 from sspo.cli import main
+from sspo.decoding import to_pixels
 from sspo.errors import SSPOError
-from sspo.prepare import ShardDataset, prepare, to_pixels
+from sspo.prepare import prepare
+from sspo.train.data import ShardDataset
 
 R = 8
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 # JPEG and WEBP are lossy even on flat colours.
 LOSSY_TOLERANCE = 12
+
+
+def read_dataset(url: str, split: str | None = None) -> SimpleNamespace:
+    """Every sample of a prepared dataset as the trainer's reader serves them."""
+    data = ShardDataset(url, split=split)
+    rows = data.rows(range(len(data)))
+    return SimpleNamespace(captions=rows["captions"], splits=rows["splits"], winners=rows["winner"],
+                           losers=rows.get("loser"))
 
 
 def encode(color, image_format="PNG", size=(20, 14)) -> bytes:
@@ -104,7 +115,7 @@ def test_folder_round_trips_into_shards_and_counts_bad_samples(folder_source, tm
                                       "shard-00001.jsonl"}
     assert "corrupt_image=1, empty_caption=1, missing_caption=1" in caplog.text
 
-    data = ShardDataset(str(output))
+    data = read_dataset(str(output))
     assert data.captions == ["a a thing", "a b thing", "a c thing", "a d thing"]
     assert data.splits == [None] * 4 and data.losers is None
     for pixels, color in zip(data.winners, [RED, GREEN, BLUE, YELLOW]):
@@ -131,7 +142,8 @@ def test_jsonl_directory_like_the_toy_world_keeps_splits(tmp_path):
         {"caption": "caption 1", "split": "test"},
         {"caption": "caption 2", "split": "train"},
     ]
-    train = ShardDataset(str(tmp_path / "out"), split="train")
+    assert summary["shards"][0]["split_counts"] == {"test": 1, "train": 2}  # the missing image is not counted
+    train = read_dataset(str(tmp_path / "out"), split="train")
     assert train.captions == ["caption 0", "caption 2"] and train.splits == ["train", "train"]
     assert_color(train.winners[1], BLUE, tolerance=0)
     with pytest.raises(SSPOError, match="no samples with split 'val'"):
@@ -147,7 +159,7 @@ def test_jsonl_file_with_losers_keeps_pairs_relative_to_the_file(tmp_path):
     summary = prepare(str(tmp_path / "data" / "pairs.jsonl"), str(tmp_path / "out"), resolution=R, keep_pairs=True)
 
     assert summary["paired"] is True and summary["num_samples"] == 1
-    data = ShardDataset(str(tmp_path / "out"))
+    data = read_dataset(str(tmp_path / "out"))
     assert_color(data.winners[0], RED, tolerance=0)
     assert_color(data.losers[0], BLUE, tolerance=0)
 
@@ -191,7 +203,7 @@ def test_parquet_directory_keeps_winners_by_label(tmp_path, pick_a_pic_rows):
 
     assert summary["source_format"] == "parquet"
     assert summary["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "tie": 1}
-    data = ShardDataset(str(tmp_path / "out"))
+    data = read_dataset(str(tmp_path / "out"))
     assert data.captions == ["image 0 wins", "image 1 wins", "corrupt loser"]
     for pixels, color in zip(data.winners, [RED, YELLOW, WHITE]):
         assert_color(pixels, color)
@@ -204,7 +216,7 @@ def test_parquet_keep_pairs_keeps_the_loser_in_both_label_directions(tmp_path, p
 
     # The corrupt loser now matters too.
     assert summary["skipped"] == {"corrupt_image": 2, "empty_caption": 1, "tie": 1}
-    data = ShardDataset(str(tmp_path / "out"))
+    data = read_dataset(str(tmp_path / "out"))
     assert data.captions == ["image 0 wins", "image 1 wins"]
     assert_color(data.winners[0], RED)
     assert_color(data.losers[0], BLUE)
@@ -284,7 +296,7 @@ def test_batch_scales_pixels_to_unit_range(tmp_path):
     batch = ShardDataset(str(tmp_path / "out")).batch([1, 0, 1])
 
     assert batch["pixels"].shape == (3, 3, R, R) and batch["pixels"].dtype == torch.float32
-    assert batch["captions"] == ["white", "black", "white"] and batch["loser_pixels"] is None
+    assert batch["captions"] == ["white", "black", "white"] and "loser_pixels" not in batch
     assert (batch["pixels"][0] == 1).all() and (batch["pixels"][1] == -1).all()
 
 
@@ -295,7 +307,7 @@ def test_shard_dataset_detects_a_tampered_shard(folder_source, tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(SSPOError, match="sha256"):
-        ShardDataset(str(tmp_path / "out"))
+        ShardDataset(str(tmp_path / "out")).rows([0])
 
 
 def sspo_prepare(capsys, *args: str) -> tuple[int, str]:
@@ -430,4 +442,4 @@ def test_parquet_label_outside_zero_to_one_is_skipped_and_counted(tmp_path):
     write_parquet(tmp_path / "pap.parquet", rows)
     summary = prepare(str(tmp_path / "pap.parquet"), str(tmp_path / "out"), resolution=R)
     assert summary["skipped"] == {"bad_label": 3}
-    assert ShardDataset(str(tmp_path / "out")).captions == ["red wins"]
+    assert read_dataset(str(tmp_path / "out")).captions == ["red wins"]

@@ -2,29 +2,19 @@ import contextlib
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
-from pathlib import Path
-from typing import Callable
 
 import pytest
 from safetensors.torch import load_file
 from s3proxy import Fault, S3Proxy
 from s3server import BUCKET, apply_env, restore_env
 
-from sspo import config, storage
+from sspo import storage
 from sspo.run_store import RunStore, read_log
-from sspo.stages import run_train
-
-TINY = {"steps": 4, "batch_size": 4, "save_every": 2, "sample_steps": 2, "lr_warmup_steps": 1}
-
-
-def train(base_model, prepared, output, **overrides):
-    values = {"model": base_model, "data": prepared, "output": str(output), **TINY, **overrides}
-    return run_train(config.load("train", None, values))
+from train_tools import (RESUME, TINY, flags, kill_between_checkpoints, sspo_command, train,
+                         without_timings)
 
 
 @pytest.mark.parametrize("objective", ["sspo", "spin", "sft"])
@@ -39,34 +29,6 @@ def test_objectives_train_and_publish_checkpoints(base_model, prepared, tmp_path
     assert summary["final_step"] == 4
     expected = {"sspo": {"ssr_rate", "implicit_acc", "ref_index"}, "spin": {"implicit_acc", "ref_index"}, "sft": set()}
     assert expected[objective] <= set(log[0])
-
-
-def sspo_command(*args):
-    return [sys.executable, "-m", "sspo.cli", *args]
-
-
-def flags(values: dict) -> list[str]:
-    return [item for key, value in values.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-
-
-RESUME = {**TINY, "steps": 8, "save_every": 4, "lr_schedule": "cosine", "lr_warmup_steps": 2}
-
-
-def without_timings(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-
-
-def kill_between_checkpoints(command: list[str], log_file: Path, cwd: Path, published: Callable[[], bool]) -> None:
-    """Start `command` and SIGKILL it once step 5 is logged and `published()` says checkpoint 4 is (it is published
-    in the background): before checkpoint 8."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-        if log_file.exists() and log_file.read_text().count("\n") >= 5 and published():
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
 
 
 @pytest.mark.slow

@@ -31,12 +31,12 @@ def counter_rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
 
 
-def draw_index(distribution: str, pool_size: int, seed: int, step: int, micro_step: int) -> int:
+def draw_index(distribution: str, pool_size: int, seed: int, step: int, slot: int) -> int:
     if distribution == "initial":
         return 0
     if distribution == "latest":
         return pool_size - 1
-    return int(counter_rng(seed, 7, step, micro_step).integers(pool_size))
+    return int(counter_rng(seed, 7, step, slot).integers(pool_size))
 
 
 class LoraReference:

@@ -4,14 +4,17 @@ Read it top to bottom: `Trainer.__init__` sets up data, model, reference and opt
 checkpoint; `run` does one optimizer step per loop iteration, each made of `micro_step`s, and `save`s a checkpoint
 every `save_every` steps. What an objective trains on (its reference, its losing image, its loss) is one entry of
 `sspo.objectives.OBJECTIVES`. All randomness (data order, timesteps, noise, replay draws, self-sample noise) comes
-from generators keyed by (seed, step, micro-step, rank), so a resumed run repeats exactly what an uninterrupted run
-would have done.
+from generators keyed by (seed, step, slot): a step's effective batch is `batch_size × gradient_accumulation_steps ×
+processes` samples in slots of `batch_size`, and process r of W takes slots r, W + r, 2W + r, ... as its micro-steps.
+So a resumed run repeats exactly what an uninterrupted run would have done, even on another number of processes with
+the same effective batch.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import datetime
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +24,7 @@ import time
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -28,13 +32,13 @@ from sspo import faults, objectives, storage, telemetry
 from sspo.config import TrainConfig, to_json
 from sspo.cpu import configure_threads
 from sspo.errors import SSPOError
-from sspo.models import (base_unet_weights, check_encodings, denoising_target, latent_sample, load_components,
-                         lora_config, per_sample_error, prompt_conditioning)
-from sspo.prepare import ShardDataset
+from sspo.models import (base_unet_weights, check_encodings, denoising_target, freeze_for, latent_sample,
+                         load_components, lora_config, per_sample_error, prompt_conditioning)
 from sspo.progress import Progress
 from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS, RunStore, checkpoint_files, resolve_checkpoint
 from sspo.sampling import make_sampler, sample_latents
 from sspo.train.checkpoint import read_training_state, write_checkpoint
+from sspo.train.data import ShardDataset
 from sspo.train.publisher import CheckpointPublisher, cpu_snapshot
 from sspo.train.replay import BASE, FullReference, LoraReference, counter_rng, draw_index, load_safetensors
 
@@ -45,50 +49,53 @@ def torch_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(counter_rng(*keys).integers(2**62)))
 
 
-@functools.lru_cache(maxsize=2)  # a batch may straddle two epochs
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded permutation of one epoch, drawn once for all its batches: a million samples take ~20 ms to
-    permute, which every sample of every batch paid before."""
-    order = counter_rng(seed, 3, epoch).permutation(num_samples)
-    order.flags.writeable = False  # shared by every caller
-    return order
-
-
-def batch_indices(num_samples: int, seed: int, position: int, batch_size: int) -> list[int]:
-    """Samples `position .. position+batch_size` of an endless stream of seeded per-epoch permutations."""
-    indices = []
-    for p in range(position, position + batch_size):
-        epoch, offset = divmod(p, num_samples)
-        indices.append(int(epoch_order(num_samples, seed, epoch)[offset]))
-    return indices
+def samples_digest(ids: torch.Tensor) -> str:
+    """A short digest of the samples one step trained on, whatever processes read them in whatever order."""
+    return hashlib.sha256(np.sort(ids.cpu().numpy().astype(np.int64)).tobytes()).hexdigest()[:16]
 
 
 def weights_kind(cfg: TrainConfig) -> str:
     return "lora" if cfg.lora_rank else "full"
 
 
-def replay_entries(cfg: TrainConfig) -> list[str]:
-    """The `replay_from` entries as checkpoint URLs; each must hold weights of this run's kind (and LoRA shape)."""
+def checkpoint_of_this_kind(cfg: TrainConfig, url: str, setting: str) -> str:
+    """The absolute URL of the checkpoint `url` names, which must hold weights of this run's kind (and LoRA shape)."""
 
     def describe(kind: str, rank: int, alpha: float) -> str:
         return f"a LoRA adapter (rank {rank}, alpha {alpha:g})" if kind == "lora" else "full UNet weights"
 
     wanted = describe(weights_kind(cfg), cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
-    entries = []
-    for url in cfg.replay_from:
-        checkpoint = resolve_checkpoint(url)
-        info = storage.read_json(storage.join(checkpoint, CHECKPOINT_INFO))
-        found = describe(info.get("kind"), info.get("lora_rank", 0), info.get("lora_alpha", 0))
-        if found != wanted:
-            raise SSPOError(f"replay_from entry {url} holds {found}, but this run needs {wanted}")
-        entries.append(storage.absolute(checkpoint))
-    return entries
+    checkpoint = resolve_checkpoint(url)
+    info = storage.read_json(storage.join(checkpoint, CHECKPOINT_INFO))
+    found = describe(info.get("kind"), info.get("lora_rank", 0), info.get("lora_alpha", 0))
+    if found != wanted:
+        raise SSPOError(f"{setting} {url} holds {found}, but this run needs {wanted}")
+    return storage.absolute(checkpoint)
+
+
+def load_weights(unet, weights: dict, lora_rank: int) -> None:
+    if lora_rank:
+        set_peft_model_state_dict(unet, weights, adapter_name="default")
+    else:
+        unet.load_state_dict(weights)
+
+
+def training_device(requested: str) -> bool:
+    """Whether to train on the CPU; asked for CUDA without a CUDA device, the run does not start."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise SSPOError(f"device cuda was asked for, but {why} on this machine; training on the CPU instead would "
+                        "take days (run on a GPU node, or pass --device cpu)")
+    return requested == "cpu" or not torch.cuda.is_available()
 
 
 # Settings a resumed run may change: how long it runs, how often it saves, memory and telemetry. Any other change
 # would make the run something else than what its checkpoints and lineage say.
 RESUMABLE_SETTINGS = {"output", "steps", "save_every", "async_checkpoint", "replay_cache_size",
-                      "gradient_checkpointing", "threads", "use_encodings", "metrics_port", "pushgateway"}
+                      "gradient_checkpointing", "threads", "use_encodings", "metrics_port", "pushgateway", "device",
+                      "collective_timeout", "data_cache_gb"}
+# May change with the number of processes, as long as the effective batch stays the same.
+BATCH_SHAPE = {"batch_size", "gradient_accumulation_steps"}
 
 
 def recorded_settings(cfg: TrainConfig) -> dict:
@@ -96,14 +103,24 @@ def recorded_settings(cfg: TrainConfig) -> dict:
     settings = json.loads(to_json(cfg))
     settings["model"], settings["data"] = storage.absolute(cfg.model), storage.absolute(cfg.data)
     settings["replay_from"] = [storage.absolute(url) for url in cfg.replay_from]
+    settings["init_from"] = storage.absolute(cfg.init_from) if cfg.init_from else ""
     return settings
 
 
-def changed_settings(recorded: dict, cfg: TrainConfig) -> list[str]:
-    """'name recorded → now' for every setting a resume may not change."""
+def changed_settings(recorded: dict, cfg: TrainConfig, recorded_effective_batch: int | None,
+                     effective_batch: int) -> list[str]:
+    """'name recorded → now' for every setting a resume may not change. Checkpoints that record their effective
+    batch may resume with another split of it into batch size, accumulation and processes."""
     now = recorded_settings(cfg)
-    return [f"{name} {recorded.get(name)!r} → {value!r}" for name, value in now.items()
-            if name not in RESUMABLE_SETTINGS and recorded.get(name) != value]
+    # a setting newer than the checkpoint was, for that run, its default
+    recorded = {**json.loads(to_json(TrainConfig())), **recorded}
+    fixed = RESUMABLE_SETTINGS | (BATCH_SHAPE if recorded_effective_batch is not None else set())
+    changed = [f"{name} {recorded.get(name)!r} → {value!r}" for name, value in now.items()
+               if name not in fixed and recorded.get(name) != value]
+    if recorded_effective_batch not in (None, effective_batch):
+        changed.append(f"effective batch (batch_size × gradient_accumulation_steps × processes) "
+                       f"{recorded_effective_batch} → {effective_batch}")
+    return changed
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -116,9 +133,11 @@ class Trainer:
         self.objective = objectives.OBJECTIVES[cfg.objective]
         configure_threads(cfg.threads)
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
+            cpu=training_device(cfg.device),
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            # a lost peer stops the run after this long instead of hanging it
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout))],
         )
         expected_processes = int(os.environ.get("WORLD_SIZE", "1"))
         if self.accelerator.num_processes != expected_processes:
@@ -128,11 +147,15 @@ class Trainer:
             )
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        self.effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size
+        self.where = "starting"  # what this process is doing, logged when a peer is lost
+        self.data_seconds = 0.0  # reading the current step's data
         self.store = RunStore(cfg.output)
 
         # -- data
-        self.data = ShardDataset(cfg.data, split=cfg.data_split or None, encodings=cfg.use_encodings)
-        if self.objective.losing_image == "loser" and self.data.losers is None:
+        self.data = ShardDataset(cfg.data, split=cfg.data_split or None, encodings=cfg.use_encodings, seed=cfg.seed,
+                                 shuffle_shards=cfg.shuffle_shards, cache_bytes=int(cfg.data_cache_gb * 2**30))
+        if self.objective.losing_image == "loser" and not self.data.paired:
             raise SSPOError(f"objective={cfg.objective} needs paired data: prepare {cfg.data} with --keep-pairs")
 
         # -- model, reference and optimizer
@@ -140,10 +163,11 @@ class Trainer:
         if self.data.encoded_with is not None:
             check_encodings(self.data.encoded_with, self.parts, cfg.data, cfg.model)
         unet = self.parts.unet
+        freeze_for(self.parts, cfg.train_modules, cfg.model)
         torch.manual_seed(cfg.seed)
         if cfg.lora_rank:
             unet.requires_grad_(False)
-            adapter = lora_config(cfg.lora_rank, cfg.lora_alpha)
+            adapter = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.train_modules)
             unet.add_adapter(adapter, adapter_name="default")
             self.reference = LoraReference(unet, adapter, self.load_pool_entry)
         else:
@@ -162,7 +186,9 @@ class Trainer:
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.last_logged: dict = {}
         if self.is_main:
-            self.store.write_config(to_json(cfg))
+            run_config = {**json.loads(to_json(cfg)), "processes": self.world_size,
+                          "effective_batch": self.effective_batch}
+            self.store.write_config(json.dumps(run_config, indent=2))
             logged = self.store.start_log(self.step)
             self.last_logged = logged[-1] if logged else {}  # a run resumed at its last step still reports them
         self.uncond = self.parts.unconditional()
@@ -188,42 +214,60 @@ class Trainer:
                 pass  # published meanwhile, and a remote run's staging removed
         return load_safetensors(storage.fetch_file(self.store.entry_url(entry), CHECKPOINT_WEIGHTS))
 
+    def start(self, unet) -> list[str]:
+        """The replay pool of a fresh run: θ₀ (the base model, or `init_from` whose weights the UNet then takes)
+        and the `replay_from` entries."""
+        cfg = self.cfg
+        replayed = [checkpoint_of_this_kind(cfg, url, "replay_from entry") for url in cfg.replay_from]
+        if not cfg.init_from:
+            return [BASE, *replayed]
+        initial = checkpoint_of_this_kind(cfg, cfg.init_from, "init_from")
+        load_weights(unet, load_safetensors(storage.fetch_file(initial, CHECKPOINT_WEIGHTS)), cfg.lora_rank)
+        log.info("starting from the weights of %s", initial)
+        return [initial, *replayed]
+
     def resume(self, unet, optimizer) -> tuple[int, list[str]]:
         """(step, replay pool) of the latest completely published checkpoint, its weights and optimizer state
         loaded; (0, a fresh pool) when the run has none."""
         latest = self.store.latest_checkpoint()
         if latest is None:
-            return 0, [BASE, *replay_entries(self.cfg)]
+            return 0, self.start(unet)
         with checkpoint_files(latest) as directory:
             state, optimizer_state = read_training_state(directory)
             if "config" not in state:
                 raise SSPOError(f"{latest} does not record the settings it was trained with (an older sspo wrote it); "
                                 "train into a new output")
-            changed = changed_settings(state["config"], self.cfg)
+            changed = changed_settings(state["config"], self.cfg, state.get("effective_batch"), self.effective_batch)
             if changed:
                 raise SSPOError(f"cannot resume {self.cfg.output} with other settings: {', '.join(changed)}; a "
                                 f"resume may change only {', '.join(sorted(RESUMABLE_SETTINGS - {'output'}))} "
                                 "(train into a new output instead)")
             weights = load_safetensors(directory / CHECKPOINT_WEIGHTS)
-        if self.cfg.lora_rank:
-            set_peft_model_state_dict(unet, weights, adapter_name="default")
-        else:
-            unet.load_state_dict(weights)
+        load_weights(unet, weights, self.cfg.lora_rank)
         optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         log.info("resuming %s at step %d with a replay pool of %d", self.cfg.output, state["step"], len(state["pool"]))
         return state["step"], state["pool"]
 
-    def reference_index(self, step: int, micro: int) -> int:
-        """The replay pool entry that is the reference of this micro-step."""
-        distribution = self.cfg.replay if self.objective.reference == "replay" else self.objective.reference
-        return draw_index(distribution, len(self.pool), self.cfg.seed, step, micro)
+    def slot(self, micro: int) -> int:
+        """This process's slot of the step's effective batch at a micro-step."""
+        return micro * self.world_size + self.rank
 
-    def micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    def reference_index(self, step: int, slot: int) -> int:
+        """The replay pool entry that is the reference of one slot of a step."""
+        distribution = self.cfg.replay if self.objective.reference == "replay" else self.objective.reference
+        return draw_index(distribution, len(self.pool), self.cfg.seed, step, slot)
+
+    def micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict, list[int]]:
+        """(loss, statistics, sample ids) of this process's micro-step."""
         cfg, parts, device = self.cfg, self.parts, self.device
-        position = ((step * cfg.gradient_accumulation_steps + micro) * self.world_size + self.rank) * cfg.batch_size
-        batch = self.data.batch(batch_indices(len(self.data), cfg.seed, position, cfg.batch_size))
-        generator = torch_generator(cfg.seed, 5, step, micro, self.rank)
+        slot = self.slot(micro)
+        self.where = f"step {step + 1}, micro-step {micro}: reading data"
+        reading = time.perf_counter()
+        batch = self.data.batch_at(step * self.effective_batch + slot * cfg.batch_size, cfg.batch_size)
+        self.data_seconds += time.perf_counter() - reading
+        self.where = f"step {step + 1}, micro-step {micro}: forward and backward"
+        generator = torch_generator(cfg.seed, 5, step, slot, 0)  # on one process: the keys used before slots
 
         def randn(shape) -> torch.Tensor:
             return torch.randn(shape, generator=generator).to(device)
@@ -240,11 +284,13 @@ class Trainer:
             noisy = parts.noise_scheduler.add_noise(winner, noise, t)
             prediction = self.unet(noisy, t, **cond_w.unet_kwargs()).sample
             target = denoising_target(parts.noise_scheduler, winner, noise, t)
-            return self.objective.loss(objectives.PairErrors(per_sample_error(prediction, target)), cfg.beta, cfg.ssr)
+            loss, stats = self.objective.loss(objectives.PairErrors(per_sample_error(prediction, target)), cfg.beta,
+                                              cfg.ssr)
+            return loss, stats, batch["ids"]
 
-        index = self.reference_index(step, micro)
+        index = self.reference_index(step, slot)
         self.reference.activate(self.pool[index])
-        upcoming = (step, micro + 1) if micro + 1 < cfg.gradient_accumulation_steps else (step + 1, 0)
+        upcoming = (step, self.slot(micro + 1)) if micro + 1 < cfg.gradient_accumulation_steps else (step + 1, self.rank)
         self.reference.prefetch(self.pool[self.reference_index(*upcoming)])
 
         with torch.no_grad(), self.reference.model() as reference_unet:
@@ -265,7 +311,7 @@ class Trainer:
             err_w_ref, err_l_ref = per_sample_error(reference_unet(noisy, t, **context).sample, target).chunk(2)
         err_w, err_l = per_sample_error(self.unet(noisy, t, **context).sample, target).chunk(2)
         loss, stats = self.objective.loss(objectives.PairErrors(err_w, err_w_ref, err_l, err_l_ref), cfg.beta, cfg.ssr)
-        return loss, {**stats, "ref_index": index}
+        return loss, {**stats, "ref_index": index}, batch["ids"]
 
     def save(self, step: int) -> None:
         """Publish a checkpoint of `step`; every `save_every` steps it also joins the replay pool. Weights that are
@@ -290,6 +336,8 @@ class Trainer:
                 "base_model": settings["model"],
                 "data": settings["data"],
                 "objective": cfg.objective,
+                # what a LoRA adapter's weights attach to; absent means the whole UNet
+                **({"train_modules": cfg.train_modules} if cfg.train_modules != "all" else {}),
             }
             state = {
                 "step": step,
@@ -297,6 +345,8 @@ class Trainer:
                 "pool": pool_after,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "seed": cfg.seed,
+                "effective_batch": self.effective_batch,
+                "processes": self.world_size,
                 "config": settings,
             }
             optimizer_state = self.optimizer.state_dict()
@@ -309,10 +359,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # the other processes wait for the snapshot, not for the upload
         self.pool = pool_after
 
-    def loss_is_finite_everywhere(self, loss: float) -> bool:
-        """Whether every process's loss is finite (all processes must stop together, or the others would wait)."""
-        finite = torch.tensor([float(math.isfinite(loss))], device=self.device)
-        return bool(self.accelerator.gather(finite).min() > 0)
+    def step_summary(self, step_stats: list[dict], ids: list[int], data_seconds: float) -> dict:
+        """The step's statistics averaged over every slot of every process, the digest of the samples it trained on
+        and its data-reading time (this process's)."""
+        keys = sorted(step_stats[0])
+        means = torch.tensor([[np.mean([s[key] for s in step_stats]) for key in keys]], dtype=torch.float64,
+                             device=self.device)
+        means = self.accelerator.gather(means).mean(dim=0).tolist()
+        every_id = self.accelerator.gather(torch.tensor(ids, dtype=torch.int64, device=self.device))
+        return {"step": self.step, **dict(zip(keys, means)), "lr": self.lr_scheduler.get_last_lr()[0],
+                "samples": samples_digest(every_id), "data_seconds": data_seconds}
 
     def stop_not_finite(self, what: str) -> None:
         """Stop a run whose loss or weights became NaN/inf: push the step's metrics (the NaN-loss alert reads
@@ -333,9 +389,10 @@ class Trainer:
                 self.publisher.check()  # a checkpoint that failed in the background stops the run
                 started = time.perf_counter()
                 step_stats: list[dict] = []
+                ids: list[int] = []
                 for micro in range(cfg.gradient_accumulation_steps):
                     with accelerator.accumulate(self.unet), accelerator.autocast():
-                        loss, stats = self.micro_step(self.step, micro)
+                        loss, stats, micro_ids = self.micro_step(self.step, micro)
                         loss = faults.loss_at_step(loss, self.step + 1)  # deterministic NaN tests; no-op otherwise
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
@@ -343,27 +400,35 @@ class Trainer:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     step_stats.append({"loss": loss.item(), **stats})
+                    ids += micro_ids
                 self.lr_scheduler.step()
                 self.step += 1
                 # Fault points (sspo.faults) let the fault tests kill a run in each window deterministically.
                 faults.point("train-step-done")
-                last_stats = {key: float(np.mean([s[key] for s in step_stats])) for key in step_stats[0]}
-                last_stats = {"step": self.step, **last_stats, "lr": self.lr_scheduler.get_last_lr()[0],
+                self.where = f"step {self.step}: gathering its statistics"
+                last_stats = {**self.step_summary(step_stats, ids, self.data_seconds),
                               "seconds": time.perf_counter() - started}
+                self.data_seconds = 0.0
                 if self.is_main:
                     self.store.append_log(last_stats)
-                    telemetry.record_step(last_stats,
-                                          cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size)
+                    telemetry.record_step(last_stats, self.effective_batch)
                 faults.point("train-step-logged")
-                if not self.loss_is_finite_everywhere(last_stats["loss"]):
+                if not math.isfinite(last_stats["loss"]):  # the mean of every process's loss: all stop together
                     self.stop_not_finite(f"step {self.step} has a loss of {last_stats['loss']}")
                 progress.update(1, **{k: v for k, v in last_stats.items() if k in ("loss", "ssr_rate", "seconds")})
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.where = f"step {self.step}: saving its checkpoint"
                     self.save(self.step)
             self.publisher.wait()
-        except BaseException:
+        except BaseException as err:
+            if self.world_size > 1 and not isinstance(err, SSPOError):
+                # the one line that says where each process was when a peer was lost or the run was stopped
+                log.error("process %d of %d stopped at %s: %s", self.rank, self.world_size, self.where,
+                          str(err).splitlines()[0] if str(err) else type(err).__name__)
             self.publisher.close()  # whatever stops the run, the checkpoint in flight is published first
+            self.data.close()
             raise
+        self.data.close()
         progress.close()
         self.reference.close()
         if not self.is_main:
@@ -372,7 +437,8 @@ class Trainer:
         log.info("checkpoints took %.2f s to write and publish; training waited %.2f s for them",
                  publisher.publish_seconds, publisher.wait_seconds)
         summary = {"final_step": self.step, "checkpoint": self.store.checkpoint_url(self.step),
-                   "pool_size": len(self.pool), **{f"final_{k}": v for k, v in last_stats.items() if k != "step"},
+                   "pool_size": len(self.pool), "processes": self.world_size, "effective_batch": self.effective_batch,
+                   **{f"final_{k}": v for k, v in last_stats.items() if k not in ("step", "samples")},
                    "checkpoint_publish_seconds": publisher.publish_seconds,
                    "checkpoint_wait_seconds": publisher.wait_seconds}
         self.store.finish(summary)
