@@ -1,4 +1,8 @@
-"""Loading a diffusers SD-1.x/2.x or SDXL folder (local path or URL) and applying trained checkpoints to it."""
+"""Loading a diffusers SD-1.x/2.x, SDXL or AnimateDiff folder (local path or URL) and applying trained checkpoints
+to it.
+
+Video latents are (B, C, frames, h, w), the layout video UNets take; the VAE encodes and decodes the frames as a
+batch of images."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -22,6 +26,9 @@ from sspo.run_store import CHECKPOINT_INFO, CHECKPOINT_WEIGHTS
 from sspo.errors import SSPOError
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# The same attention projections, inside the motion modules only (peft takes a regular expression).
+MOTION_LORA_TARGETS = r".*motion_modules.*\.(to_q|to_k|to_v|to_out\.0)"
+TRAIN_MODULES = ("all", "motion")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MODEL_INDEX = "model_index.json"
 # model_index.json's pipeline class → the family's name and its text encoders (folder, class).
@@ -29,7 +36,20 @@ FAMILIES = {
     "StableDiffusionPipeline": ("sd", [("text_encoder", CLIPTextModel)]),
     "StableDiffusionXLPipeline": ("sdxl", [("text_encoder", CLIPTextModel),
                                            ("text_encoder_2", CLIPTextModelWithProjection)]),
+    "AnimateDiffPipeline": ("video", [("text_encoder", CLIPTextModel)]),
 }
+
+
+class ClipTextUNetMotionModel(UNetMotionModel):
+    """AnimateDiff's UNet taking one text embedding per clip, (B, tokens, width), as UNet3DConditionModel does.
+
+    UNetMotionModel wants one per frame, (B·frames, tokens, width), which AnimateDiffPipeline makes by repeating the
+    prompt's; repeating them here lets training and sampling condition every family alike. The weights and config
+    are UNetMotionModel's."""
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
+        per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+        return super().forward(sample, timestep, per_frame, *args, **kwargs)
 
 
 @dataclass
@@ -49,7 +69,11 @@ class Encoders:
 
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log variance) of the VAE's latent distribution of pixels in [-1, 1], unscaled."""
+        """(mean, log variance) of the VAE's latent distribution of pixels in [-1, 1], unscaled: images (B, 3, H, W)
+        give (B, C, h, w), clips (B, frames, 3, H, W) give (B, C, frames, h, w)."""
+        if pixels.ndim == 5:
+            mean, logvar = self.latent_distribution(pixels.flatten(0, 1))
+            return tuple(part.unflatten(0, pixels.shape[:2]).transpose(1, 2) for part in (mean, logvar))
         distribution = self.vae.encode(pixels.to(self.vae.device)).latent_dist
         return distribution.mean, distribution.logvar
 
@@ -68,6 +92,10 @@ class Components(Encoders):
     sample_scheduler: DDIMScheduler
     # SDXL's unconditional branch sees zero embeddings rather than the encoded empty prompt.
     zero_unconditional: bool = False
+
+    @property
+    def video(self) -> bool:
+        return self.family == "video"
 
     @property
     def latent_size(self) -> int:
@@ -118,6 +146,16 @@ def model_family(path: Path, model_url: str) -> tuple[str, list, bool]:
         raise SSPOError(f"{model_url} holds a {pipeline} model; supported: {', '.join(FAMILIES)}")
     family, encoders = FAMILIES[pipeline]
     return family, encoders, bool(index.get("force_zeros_for_empty_prompt", False))
+
+
+def is_video_model(model_url: str) -> bool:
+    """Whether the model folder holds a video (AnimateDiff) model, read from its model_index.json alone; False when
+    that cannot be read (loading the model then says why)."""
+    try:
+        index = storage.read_json(storage.join(model_url, MODEL_INDEX))
+    except (OSError, ValueError, SSPOError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == "AnimateDiffPipeline"
 
 
 def open_model(model_url: str, needed: tuple[str, ...] = ()) -> tuple[Path, str, list, bool]:
@@ -175,9 +213,10 @@ def load_components(model_url: str) -> Components:
     path, family, encoders, zero_unconditional = open_model(model_url, ("unet", "scheduler"))
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        unet_class = ClipTextUNetMotionModel if family == "video" else UNet2DConditionModel
         components = Components(
             **vars(read_encoders(path, family, encoders)),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True),
+            unet=unet_class.from_pretrained(path, subfolder="unet", use_safetensors=True),
             noise_scheduler=noise_scheduler,
             sample_scheduler=DDIMScheduler.from_config(noise_scheduler.config),
             zero_unconditional=zero_unconditional,
@@ -209,9 +248,13 @@ def latent_sample(parts: Components, batch: dict, generator: torch.Generator, ro
     device = parts.vae.device
     mean = batch.get(f"{prefix}latent_mean")
     if mean is None:
-        return parts.vae.encode(batch[f"{prefix}pixels"].to(device)).latent_dist.sample(generator)
-    parameters = torch.cat([mean, batch[f"{prefix}latent_logvar"]], dim=1).to(device)
-    return DiagonalGaussianDistribution(parameters).sample(generator)
+        pixels = batch[f"{prefix}pixels"]
+        if pixels.ndim == 4:
+            return parts.vae.encode(pixels.to(device)).latent_dist.sample(generator)
+        mean, logvar = parts.latent_distribution(pixels)  # clips: drawn in their (B, C, frames, h, w) layout
+    else:
+        logvar = batch[f"{prefix}latent_logvar"]
+    return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1).to(device)).sample(generator)
 
 
 def check_encodings(encoded_with: dict, parts: Components, data_url: str, model_url: str) -> None:
@@ -238,10 +281,21 @@ def base_unet_weights(path: Path) -> Path:
     return path / "unet" / "diffusion_pytorch_model.safetensors"
 
 
-def lora_config(rank: int, alpha: float) -> LoraConfig:
-    return LoraConfig(
-        r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGET_MODULES, init_lora_weights="gaussian"
-    )
+def lora_config(rank: int, alpha: float, train_modules: str = "all") -> LoraConfig:
+    """LoRA on the attention projections of the whole UNet, or (`motion`) of a video UNet's motion modules only."""
+    targets = MOTION_LORA_TARGETS if train_modules == "motion" else LORA_TARGET_MODULES
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian")
+
+
+def freeze_for(parts: Components, train_modules: str, model_url: str) -> None:
+    """Freeze what `train_modules` leaves out of a full fine-tune: for `motion`, everything but a video UNet's motion
+    modules. (LoRA freezes the whole UNet and adds adapters where lora_config says.)"""
+    if train_modules == "all":
+        return
+    if not parts.video:
+        raise SSPOError(f"train_modules {train_modules} trains a video model's motion modules, but {model_url} is a "
+                        f"{parts.family} model: use train_modules all")
+    parts.unet.freeze_unet2d_params()
 
 
 def describe_weights(info: dict) -> str:
@@ -307,7 +361,8 @@ def load_checkpoint(unet: UNet2DConditionModel, directory: Path, info: dict, che
     except (SafetensorError, OSError) as err:
         raise SSPOError(f"{checkpoint_url}: {CHECKPOINT_WEIGHTS} is not a readable safetensors file: {err}") from None
     if info["kind"] == "lora":
-        unet.add_adapter(lora_config(info["lora_rank"], info["lora_alpha"]), adapter_name="trained")
+        adapter = lora_config(info["lora_rank"], info["lora_alpha"], info.get("train_modules", "all"))
+        unet.add_adapter(adapter, adapter_name="trained")
         expected = get_peft_model_state_dict(unet, adapter_name="trained")
     else:
         expected = unet.state_dict()

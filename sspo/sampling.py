@@ -29,7 +29,8 @@ def sample_latents(
     steps: int,
     guidance: float,
 ) -> torch.Tensor:
-    """Reverse diffusion from `noise` (x_T) to x_0 latents; `uncond` is one embedding broadcast over the batch."""
+    """Reverse diffusion from `noise` (x_T) to x_0 latents, images (B, C, h, w) or clips (B, C, frames, h, w);
+    `uncond` is one embedding broadcast over the batch."""
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
     guided = guidance != 1.0
@@ -47,6 +48,9 @@ def sample_latents(
 
 @torch.no_grad()
 def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents to (B, H, W, 3) uint8 images."""
+    """Latents to (B, H, W, 3) uint8 images, or video latents (B, C, frames, h, w) to (B, frames, H, W, 3) clips."""
+    if latents.ndim == 5:
+        frames = decode_to_uint8(vae, latents.transpose(1, 2).flatten(0, 1))
+        return frames.unflatten(0, (len(latents), latents.shape[2]))
     images = vae.decode(latents / vae.config.scaling_factor).sample
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,7 +1,7 @@
 """Prompt sets for evaluation: the toy world's splits built in, anything else from a file or URL.
 
 A prompt set is named on the command line as
-- `toy:train` or `toy:heldout`: the toy world's prompts of that split;
+- `toy:train` or `toy:heldout`: the toy world's prompts of that split (the video world's, for a video model);
 - `NAME=URL` or just `URL` (named after the file's stem): a text file with one prompt per line, or a `.jsonl` file
   with a "prompt" (or "caption") field per line. Blank lines are skipped.
 
@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 
 from sspo import storage
 from sspo.errors import SSPOError
+from sspo.toy import video_world
 from sspo.toy.world import Scene, parse_prompt, split_scenes
 
 TOY_PREFIX = "toy:"
@@ -31,7 +32,8 @@ TOY_PREFIX = "toy:"
 class PromptSet:
     name: str
     prompts: list[str]
-    scenes: list[Scene | None]  # the toy scene each prompt describes, None outside the toy grammar
+    # the toy scene each prompt describes, None outside the toy grammar
+    scenes: list[Scene | video_world.VideoScene | None]
 
 
 def parse_lines(text: str, source: str) -> list[str]:
@@ -62,24 +64,27 @@ def name_and_url(spec: str) -> tuple[str, str]:
     return name or PurePosixPath(url).stem, url
 
 
-def load(spec: str, limit: int = 0) -> PromptSet:
-    """The prompt set named by `spec` (see the module doc), cut to its first `limit` prompts when limit > 0."""
+def load(spec: str, limit: int = 0, video: bool = False) -> PromptSet:
+    """The prompt set named by `spec` (see the module doc), cut to its first `limit` prompts when limit > 0; with
+    `video`, toy prompts and scenes are the video world's."""
     name, url = name_and_url(spec)
+    world_scenes, parse = ((video_world.split_scenes, video_world.parse_prompt) if video
+                           else (split_scenes, parse_prompt))
     if spec.startswith(TOY_PREFIX):
         if name not in ("train", "heldout"):
             raise SSPOError(f"unknown prompt set {spec!r}; the toy world has toy:train and toy:heldout")
-        prompts = [scene.prompt for scene in split_scenes(name)]
+        prompts = [scene.prompt for scene in world_scenes(name)]
     else:
         prompts = parse_lines(storage.read_text(url), url)
     if limit:
         prompts = prompts[:limit]
     if not prompts:
         raise SSPOError(f"prompt set {spec!r} holds no prompts")
-    return PromptSet(name, prompts, [parse_prompt(p) for p in prompts])
+    return PromptSet(name, prompts, [parse(p) for p in prompts])
 
 
-def load_all(specs: list[str], limit: int = 0) -> list[PromptSet]:
-    sets = [load(spec, limit) for spec in specs]
+def load_all(specs: list[str], limit: int = 0, video: bool = False) -> list[PromptSet]:
+    sets = [load(spec, limit, video) for spec in specs]
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise SSPOError(f"prompt sets need distinct names, got {names}; name them with NAME=URL")

@@ -108,9 +108,12 @@ def _win_rate_table(results: Evaluation) -> tuple:
 
 
 def _attribute_table(results: Evaluation) -> tuple:
+    # the oracle's attributes as recorded: position for images, direction for clips
+    recorded = dict.fromkeys(attribute for model in results.models for s in results.splits
+                             for attribute in results.attributes(model, s, "oracle"))
     rows = [[model, attribute, *(_number(results.attributes(model, s, "oracle").get(attribute))
                                  for s in results.splits)]
-            for model in results.models for attribute in ATTRIBUTES]
+            for model in results.models for attribute in (recorded or ATTRIBUTES)]
     return ("table", ["model", "attribute", *results.splits], rows)
 
 

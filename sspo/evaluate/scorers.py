@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from sspo import storage
 from sspo.errors import SSPOError
-from sspo.toy import oracle
+from sspo.toy import oracle, video_oracle, video_world
 from sspo.toy.world import ATTRIBUTES, Scene
 
 HEAD_FILE = "head.safetensors"
@@ -59,7 +59,8 @@ class Scorer:
 
 
 class OracleScorer(Scorer):
-    """The toy oracle: the fraction of colour, shape and position that match; NaN for prompts outside the toy world."""
+    """The toy oracle: the fraction of colour, shape and position that match; NaN for prompts outside the toy world.
+    Clips ((frames, H, W, 3) arrays) get the video oracle: colour, shape and direction."""
 
     name = "oracle"
 
@@ -67,8 +68,10 @@ class OracleScorer(Scorer):
         return self.attributes(images, scenes)["score"]
 
     def attributes(self, images, scenes):
-        results = [oracle.score(image, scene) if scene is not None else None for image, scene in zip(images, scenes)]
-        return {key: np.array([r[key] if r else np.nan for r in results]) for key in ("score", *ATTRIBUTES)}
+        video = bool(images) and isinstance(images[0], np.ndarray) and images[0].ndim == 4
+        judge, attributes = (video_oracle.score, video_world.ATTRIBUTES) if video else (oracle.score, ATTRIBUTES)
+        results = [judge(image, scene) if scene is not None else None for image, scene in zip(images, scenes)]
+        return {key: np.array([r[key] if r else np.nan for r in results]) for key in ("score", *attributes)}
 
 
 class _Pretrained(Scorer):

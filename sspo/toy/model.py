@@ -1,8 +1,11 @@
-"""A tiny Stable-Diffusion-shaped (or SDXL-shaped) model built from configs and saved in the diffusers folder layout.
+"""A tiny Stable-Diffusion-shaped (SDXL-shaped, or AnimateDiff-shaped) model built from configs and saved in the
+diffusers folder layout.
 
 The toy model and SD-1.x share every code path: AutoencoderKL, CLIPTextModel, a tokenizer, UNet2DConditionModel,
 DDPM for training and DDIM for sampling. The SDXL-shaped one adds SDXL's second text encoder (with projection) and
-tokenizer, and a UNet conditioned on the pooled text embedding and the time ids. The tokenizer is a word-level
+tokenizer, and a UNet conditioned on the pooled text embedding and the time ids. The video one is AnimateDiff's
+layout: the SD-shaped UNet with a MotionAdapter's temporal attention after each block (a UNetMotionModel), the same
+VAE (frames are encoded as images) and text encoder. The tokenizer is a word-level
 `tokenizers` model wrapped in PreTrainedTokenizerFast, so it needs no download.
 """
 
@@ -12,7 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, DDPMScheduler, MotionAdapter,
+                       UNet2DConditionModel, UNetMotionModel)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
@@ -20,15 +24,18 @@ from sspo.toy.world import RESOLUTION, vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_TOKENS = 12
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "video")
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# Temporal attention's sinusoidal positions cover this many frames: the toy clips' 8 and room to sample longer ones.
+MOTION_MAX_FRAMES = 32
 # SDXL's added conditioning: each of the six time ids is embedded in this many sinusoidal features.
 ADDITION_TIME_EMBED_DIM = 8
 POOLED_DIM = 32
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + vocabulary())}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of `words` (by default the image world's vocabulary)."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + (words or vocabulary()))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -110,6 +117,36 @@ def build_unet(latent_size: int, text_encoders: list) -> UNet2DConditionModel:
     )
 
 
+def build_motion_unet(latent_size: int, text_encoders: list) -> UNetMotionModel:
+    """The SD-shaped UNet with a MotionAdapter's temporal transformers after each of its blocks and in its middle."""
+    spatial = build_unet(latent_size, text_encoders)
+    adapter = MotionAdapter(
+        block_out_channels=spatial.config.block_out_channels,
+        motion_layers_per_block=spatial.config.layers_per_block,
+        motion_mid_block_layers_per_block=1,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=spatial.config.norm_num_groups,
+        motion_max_seq_length=MOTION_MAX_FRAMES,
+        use_motion_mid_block=True,
+    )
+    return UNetMotionModel.from_unet2d(spatial, adapter)
+
+
+def motion_adapter_of(unet: UNetMotionModel) -> MotionAdapter:
+    """A MotionAdapter holding the UNet's (trained) motion modules, as UNetMotionModel.save_motion_modules builds it."""
+    config = unet.config
+    adapter = MotionAdapter(
+        block_out_channels=config.block_out_channels,
+        motion_layers_per_block=config.layers_per_block,
+        motion_norm_num_groups=config.norm_num_groups,
+        motion_num_attention_heads=config.motion_num_attention_heads,
+        motion_max_seq_length=config.motion_max_seq_length,
+        use_motion_mid_block=config.use_motion_mid_block,
+    )
+    adapter.load_state_dict({name: tensor for name, tensor in unet.state_dict().items() if "motion_modules" in name})
+    return adapter
+
+
 def build_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=1000,
@@ -152,6 +189,22 @@ def save_pipeline_folder(
     unet.save_pretrained(directory / "unet")
     scheduler.save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True))
+
+
+def save_video_pipeline_folder(directory: Path, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNetMotionModel,
+                               scheduler: DDPMScheduler) -> None:
+    """Write the AnimateDiffPipeline folder that diffusers' from_pretrained(dir) loads offline: unet/ holds the whole
+    UNetMotionModel, motion_adapter/ its motion modules alone (as AnimateDiff distributes them)."""
+    pipeline = AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=motion_adapter_of(unet),
+        # a sampler the pipeline names; training reads the same schedule as DDPM
+        scheduler=DDIMScheduler.from_config(scheduler.config),
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
 
 
 def _diffusers_version() -> str:
