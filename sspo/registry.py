@@ -148,7 +148,9 @@ def data_lineage(data: str) -> dict:
 
 def lineage(cfg: RegisterConfig, checkpoint: str, info: dict) -> dict:
     """What the version was made from (all but the version number). It holds no time, so a retried publish writes
-    the same file."""
+    the same file. A retraining names the checkpoint (e.g. the production version) its weights started from
+    (`init_from`; None = the base model, `parent`) and the earlier checkpoints it replayed (`replay_from`)."""
+    train_config = config_of_checkpoint(checkpoint)
     return {
         "name": cfg.name,
         "checkpoint": checkpoint,
@@ -156,9 +158,11 @@ def lineage(cfg: RegisterConfig, checkpoint: str, info: dict) -> dict:
         "step": info.get("step"),
         "objective": info.get("objective"),
         "parent": info.get("base_model"),
+        "init_from": (train_config or {}).get("init_from") or None,
+        "replay_from": (train_config or {}).get("replay_from") or [],
         "data": data_lineage(cfg.data or info["data"]),
         "code": {"sspo_version": __version__, "git_commit": git_commit()},
-        "train_config": config_of_checkpoint(checkpoint),
+        "train_config": train_config,
         "metrics": storage.read_json(cfg.metrics) if cfg.metrics else None,
     }
 

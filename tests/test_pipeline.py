@@ -18,7 +18,7 @@ from sspo import cli, registry, storage
 from sspo.config import STAGES, coerce, field_types
 from sspo.errors import SSPOError
 from sspo.evaluate.results import Evaluation, WinRate
-from sspo.pipelines import IMAGE, pipeline, shell
+from sspo.pipelines import CUDA_IMAGE, IMAGE, pipeline, shell
 from sspo.pipelines.cli import check_cron, convert_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,26 +40,43 @@ def upstream(dag) -> dict[str, set[str]]:
     return {name: set(task.dependent_tasks) for name, task in dag.tasks.items()}
 
 
+def all_tasks(spec) -> dict:
+    """Every task of the pipeline, in the root DAG and in the DAGs of its conditions and loops, by name."""
+    found, dags = {}, [spec.root.dag]
+    while dags:
+        for name, task in dags.pop().tasks.items():
+            found[name] = task
+            if spec.components[task.component_ref.name].WhichOneof("implementation") == "dag":
+                dags.append(spec.components[task.component_ref.name].dag)
+    return found
+
+
+def inner(spec, task) -> dict:
+    return dict(spec.components[task.component_ref.name].dag.tasks)
+
+
 def test_dag_runs_the_stages_in_order_and_promotes_and_exports_only_behind_the_gate(compiled):
     spec, _ = compiled
     root = upstream(spec.root.dag)
-    assert root["prepare"] == set()
-    assert root["train"] == {"prepare"}
-    assert root["register"] == {"prepare", "train"}
+    (branches,) = [name for name in root if name.startswith("condition-branches-")]
+    assert root[branches] >= {"merge-parts"}  # training starts once the dataset is complete
+    assert root["register"] >= {branches}
     assert root["evaluate"] == {"register"}
     assert root["compare"] == {"evaluate"}
-    (branch_name,) = set(root) - {"prepare", "train", "register", "evaluate", "compare"}
-    branch = spec.root.dag.tasks[branch_name]
-    assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--compare-Output'] == true"
-    assert root[branch_name] == {"compare", "evaluate", "register"}
-    inner = spec.components[branch.component_ref.name].dag.tasks
-    (export_branch,) = set(inner) - {"promote"}
-    assert inner["promote"].inputs.parameters["version"].component_input_parameter == \
+    (gate_name,) = set(root) - {branches, "register", "evaluate", "compare"} - \
+        {name for name in root if "parts" in name or name.startswith("for-loop")}
+    gate = spec.root.dag.tasks[gate_name]
+    assert gate.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--compare-Output'] == true"
+    assert root[gate_name] == {"compare", "evaluate", "register"}
+    gated = inner(spec, gate)
+    (export_branch,) = set(gated) - {"promote"}
+    assert gated["promote"].inputs.parameters["version"].component_input_parameter == \
         "pipelinechannel--register-version"
     # the export runs after the promotion, only when the `export` parameter is true
-    assert upstream(spec.components[branch.component_ref.name].dag)[export_branch] == {"promote"}
-    assert inner[export_branch].trigger_policy.condition == "inputs.parameter_values['pipelinechannel--export'] == true"
-    exported = spec.components[inner[export_branch].component_ref.name].dag.tasks
+    assert upstream(spec.components[gate.component_ref.name].dag)[export_branch] == {"promote"}
+    assert gated[export_branch].trigger_policy.condition == \
+        "inputs.parameter_values['pipelinechannel--export'] == true"
+    exported = inner(spec, gated[export_branch])
     assert list(exported) == ["export"]
     assert exported["export"].inputs.parameters["version"].component_input_parameter == \
         "pipelinechannel--register-version"
@@ -68,29 +85,70 @@ def test_dag_runs_the_stages_in_order_and_promotes_and_exports_only_behind_the_g
     assert spec.root.input_definitions.parameters["export"].default_value.bool_value is True
 
 
-def test_train_asks_for_a_gpu_cpu_and_memory(compiled):
+def test_one_node_trains_in_its_pod_and_more_nodes_through_a_trainjob(compiled):
     spec, _ = compiled
+    branches = {task.trigger_policy.condition: inner(spec, task)
+                for task in inner(spec, spec.root.dag.tasks[next(name for name in spec.root.dag.tasks
+                                                                 if name.startswith("condition-branches-"))]).values()}
+    one_node = "int(inputs.parameter_values['pipelinechannel--num_nodes']) == 1"
+    assert {condition: list(tasks) for condition, tasks in branches.items()} == {
+        one_node: ["train"], f"!({one_node})": ["train-nodes"]}
+    # register gets the run's URL from whichever branch ran
+    register = spec.root.dag.tasks["register"]
+    source = register.inputs.parameters["run_uri"].task_output_parameter
+    branches_spec = spec.components[spec.root.dag.tasks[source.producer_task].component_ref.name]
+    selectors = branches_spec.dag.outputs.parameters[source.output_parameter_key].value_from_oneof.parameter_selectors
+    assert [selector.output_parameter_key for selector in selectors] == ["pipelinechannel--train-run_uri",
+                                                                         "pipelinechannel--train-nodes-run_uri"]
+    train_nodes = all_tasks(spec)["train-nodes"]
+    assert train_nodes.inputs.parameters["image"].runtime_value.constant.string_value == CUDA_IMAGE
+    assert train_nodes.inputs.parameters["run_id"].runtime_value.constant.string_value == \
+        dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    for name in ("num_nodes", "gpus_per_node", "accelerator", "cpu_per_node", "memory_per_node", "trainer_runtime",
+                 "init_from_alias", "replay_last_versions"):
+        assert train_nodes.inputs.parameters[name].component_input_parameter == f"pipelinechannel--{name}", name
+
+
+def test_the_gpu_steps_ask_for_gpus_cpu_and_memory_from_the_parameters(compiled):
+    spec, documents = compiled
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
     resources = executors["exec-train"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == "1"
-    assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == pipeline.TRAIN_CPU
-    assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == pipeline.TRAIN_MEMORY
+    channel = "{{$.inputs.parameters['pipelinechannel--%s']}}"
+    assert resources["accelerator"] == {"resourceType": channel % "accelerator",
+                                        "resourceCount": channel % "gpus_per_node"}
+    assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == channel % "cpu_per_node"
+    assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == channel % "memory_per_node"
+    assert executors["exec-evaluate"]["container"]["resources"]["accelerator"] == {
+        "resourceType": channel % "accelerator", "resourceCount": channel % "eval_gpus"}
+    for name, executor in executors.items():
+        if name not in ("exec-train", "exec-evaluate"):
+            assert "accelerator" not in executor["container"].get("resources", {}), name
+    (shm,) = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["emptyDirMounts"]
+    assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
+    parameters = spec.root.input_definitions.parameters
+    assert parameters["num_nodes"].default_value.number_value == 1
+    assert parameters["gpus_per_node"].default_value.number_value == 1
+    assert parameters["accelerator"].default_value.string_value == "nvidia.com/gpu"
+
+
+def test_gpu_steps_run_in_the_cuda_image_and_the_others_in_the_cpu_image(compiled):
+    spec, _ = compiled
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"] == IMAGE, name
+        assert container["image"] == (CUDA_IMAGE if name in pipeline.GPU_EXECUTORS else IMAGE), name
         assert "pip install" not in " ".join(container["command"]), name  # the image already holds kfp and sspo
+    assert set(pipeline.GPU_EXECUTORS) <= set(executors)
 
 
 def test_caching_and_retries(compiled):
     spec, _ = compiled
-    tasks = dict(spec.root.dag.tasks)
-    tasks.update(spec.components["comp-condition-1"].dag.tasks)
-    tasks.update(spec.components["comp-condition-2"].dag.tasks)
-    assert tasks["prepare"].caching_options.enable_cache
-    for name in ("train", "register", "compare", "promote", "export"):
+    tasks = all_tasks(spec)
+    for name in ("train", "train-nodes", "register", "compare", "promote", "export"):
         assert not tasks[name].caching_options.enable_cache, name
-    for name in ("prepare", "register", "evaluate", "compare", "promote", "export"):
+    for name in ("train", "train-nodes"):
+        assert tasks[name].retry_policy.max_retry_count == 1, name
+    for name in ("register", "evaluate", "compare", "promote", "export"):
         retry = tasks[name].retry_policy
         assert retry.max_retry_count == pipeline.IO_RETRY["num_retries"], name
         assert retry.backoff_factor == pipeline.IO_RETRY["backoff_factor"], name
@@ -100,8 +158,7 @@ def test_caching_and_retries(compiled):
 def test_s3_credentials_come_from_the_secret_never_from_parameters(compiled):
     spec, documents = compiled
     executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{n}" for n in ("prepare", "train", "register", "evaluate", "compare", "promote",
-                                                    "export")}
+    assert set(executors) == set(json_format.MessageToDict(spec.deployment_spec)["executors"])
     for name, config in executors.items():
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == pipeline.S3_SECRET, name
@@ -119,13 +176,21 @@ def test_checked_in_pipeline_is_up_to_date(compiled):
         "pipelines/sspo_pipeline.yaml is stale: run `sspo pipeline compile`"
 
 
-def test_compile_command_can_name_another_image(tmp_path):
+@pytest.mark.parametrize("options, cpu, cuda", [
+    (["--image", "example.org/sspo:1", "--cuda-image", "example.org/sspo:1-cuda"], "example.org/sspo:1",
+     "example.org/sspo:1-cuda"),
+    (["--cuda-image", "example.org/sspo:1-cuda"], IMAGE, "example.org/sspo:1-cuda"),
+    (["--image", "example.org/sspo:1"], "example.org/sspo:1", CUDA_IMAGE),
+])
+def test_compile_command_can_name_other_images(options, cpu, cuda, tmp_path):
     output = tmp_path / "out" / "pipeline.yaml"
-    assert cli.main(["pipeline", "compile", "--output", str(output), "--image", "example.org/sspo:cuda"]) == 0
+    assert cli.main(["pipeline", "compile", "--output", str(output), *options]) == 0
     documents = list(yaml.safe_load_all(output.read_text()))
-    json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())
-    images = {e["container"]["image"] for e in documents[0]["deploymentSpec"]["executors"].values()}
-    assert images == {"example.org/sspo:cuda"}
+    spec = json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())
+    images = {name: e["container"]["image"] for name, e in documents[0]["deploymentSpec"]["executors"].items()}
+    assert images == {name: cuda if name in pipeline.GPU_EXECUTORS else cpu for name in images}
+    # the TrainJob of a multi-node training runs the CUDA image too
+    assert all_tasks(spec)["train-nodes"].inputs.parameters["image"].runtime_value.constant.string_value == cuda
 
 
 def closed_port() -> int:
@@ -211,6 +276,17 @@ BAD_VALUES = [
     ("min_improvement", "nan", "min_improvement=nan: min_improvement must be a number, not NaN"),
     ("eval_prompts", "toy:train", "promotion_split='heldout': promotion_split must be one of the prompt sets of "
                                   "eval_prompts (train)"),
+    ("num_nodes", "0", "num_nodes=0: num_nodes must be positive"),
+    ("gpus_per_node", "-1", "gpus_per_node=-1: gpus_per_node must be 0 (train on the CPU, one node only) or positive"),
+    ("eval_gpus", "-2", "eval_gpus=-2: eval_gpus must be 0 (evaluate on the CPU) or positive"),
+    ("accelerator", "gpu", "accelerator='gpu': accelerator must be an extended resource name such as nvidia.com/gpu"),
+    ("cpu_per_node", "8 cores", "cpu_per_node='8 cores': cpu_per_node must be a positive Kubernetes quantity"),
+    ("memory_per_node", "0Gi", "memory_per_node='0Gi': memory_per_node must be a positive Kubernetes quantity"),
+    ("trainer_runtime", "Torch_Distributed", "trainer_runtime='Torch_Distributed': trainer_runtime must be the name "
+                                             "of a ClusterTrainingRuntime"),
+    ("init_from_alias", "prod uction", "init_from_alias='prod uction': init_from_alias must be '' (the base model) "
+                                       "or an alias name"),
+    ("replay_last_versions", "-1", "replay_last_versions=-1: replay_last_versions must be 0 (none) or positive"),
 ]
 # A YAML value of the wrong kind in a --params-file: a bool is no int, a mapping or list no str or number.
 BAD_FILE_VALUES = [
@@ -301,7 +377,9 @@ def test_invalid_cron_specs_are_refused(cron):
 
 
 # Pipeline parameters that no stage config holds; sspo.pipelines.cli has their rules.
-PIPELINE_ONLY = {"promotion_split", "min_win_rate", "min_improvement", "export"}
+PIPELINE_ONLY = {"promotion_split", "min_win_rate", "min_improvement", "export", "encode_data", "num_nodes",
+                 "gpus_per_node", "accelerator", "cpu_per_node", "memory_per_node", "trainer_runtime", "eval_gpus",
+                 "init_from_alias", "replay_last_versions"}
 
 
 def test_every_parameter_maps_to_stage_config_fields_or_has_its_own_rules():

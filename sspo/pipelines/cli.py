@@ -30,6 +30,12 @@ PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float,
 ARTIFACT_PLACEHOLDER = "pipeline-artifact://placeholder"
 # robfig/cron, which starts Kubeflow Pipelines' recurring runs: six fields, seconds first, month and day of week
 # also by name; `?` means `*`.
+# Kubernetes names: an extended resource (vendor domain/name, e.g. nvidia.com/gpu), a quantity in the forms the
+# pipeline's resources take (8, 500m, 32Gi), a DNS subdomain (a ClusterTrainingRuntime's name).
+_DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+RESOURCE_NAME = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 CRON_FIELDS = (("second", 0, 59, ()), ("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
                ("day of week", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
@@ -42,7 +48,7 @@ def add_commands(subparsers) -> None:
 
     compile_cmd = commands.add_parser("compile", help="write the pipeline's IR YAML")
     compile_cmd.add_argument("--output", default=DEFAULT_PACKAGE, help=f"(default: {DEFAULT_PACKAGE})")
-    compile_cmd.add_argument("--image", help="container image for every step (default: sspo.pipelines.IMAGE)")
+    _add_image_args(compile_cmd)
     compile_cmd.set_defaults(handler=compile_command)
 
     local = commands.add_parser("run-local", help="run the whole pipeline with kfp.local on the toy world")
@@ -94,7 +100,13 @@ def _add_run_args(parser) -> None:
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"(default: {DEFAULT_EXPERIMENT})")
     parser.add_argument("--service-account", default=DEFAULT_SERVICE_ACCOUNT,
                         help=f"service account the steps run as (default: {DEFAULT_SERVICE_ACCOUNT})")
-    parser.add_argument("--image", help="container image for every step (default: sspo.pipelines.IMAGE)")
+    _add_image_args(parser)
+
+
+def _add_image_args(parser) -> None:
+    parser.add_argument("--image", help="container image of the CPU steps (default: sspo.pipelines.IMAGE)")
+    parser.add_argument("--cuda-image", help="container image of the GPU steps, train and evaluate, and of a "
+                                             "multi-node training's TrainJob (default: sspo.pipelines.CUDA_IMAGE)")
 
 
 def _add_parameter_args(parser) -> None:
@@ -171,8 +183,9 @@ def check_stage_configs(pipeline, values: dict) -> None:
 
 
 def check_pipeline_only_parameters(values: dict) -> None:
-    """The parameters that only the pipeline has: the model's registry name and the promotion gate. `values` holds
-    every parameter (defaults included): the split must be one that evaluate scores."""
+    """The parameters that only the pipeline has: the model's registry name, the promotion gate, the resources and
+    the retraining sources. `values` holds every parameter (defaults included): the split must be one that evaluate
+    scores, and several nodes need GPUs."""
     from sspo.evaluate.prompts import name_and_url
     from sspo.registry import SAFE_NAME
 
@@ -188,6 +201,31 @@ def check_pipeline_only_parameters(values: dict) -> None:
     splits = [name_and_url(spec)[0] for spec in coerce("eval_prompts", list[str], values["eval_prompts"])]
     if values["promotion_split"] not in splits:
         raise invalid("promotion_split", f"must be one of the prompt sets of eval_prompts ({', '.join(splits)})")
+    check_resource_parameters(values, invalid)
+    if values["init_from_alias"] and not SAFE_NAME.fullmatch(values["init_from_alias"]):
+        raise invalid("init_from_alias", "must be '' (the base model) or an alias name: letters, digits, '.', '_' "
+                                         "and '-' (not first)")
+    if values["replay_last_versions"] < 0:
+        raise invalid("replay_last_versions", "must be 0 (none) or positive")
+
+
+def check_resource_parameters(values: dict, invalid) -> None:
+    if values["num_nodes"] < 1:
+        raise invalid("num_nodes", "must be positive")
+    if values["gpus_per_node"] < 0:
+        raise invalid("gpus_per_node", "must be 0 (train on the CPU, one node only) or positive")
+    if values["num_nodes"] > 1 and values["gpus_per_node"] < 1:
+        raise invalid("gpus_per_node", f"must be positive to train on num_nodes={values['num_nodes']} nodes")
+    if values["eval_gpus"] < 0:
+        raise invalid("eval_gpus", "must be 0 (evaluate on the CPU) or positive")
+    if not RESOURCE_NAME.fullmatch(values["accelerator"]):
+        raise invalid("accelerator", "must be an extended resource name such as nvidia.com/gpu")
+    for name in ("cpu_per_node", "memory_per_node"):
+        if not QUANTITY.fullmatch(values[name]) or not re.search("[1-9]", values[name]):
+            raise invalid(name, "must be a positive Kubernetes quantity such as 8, 500m or 32Gi")
+    if not (DNS_SUBDOMAIN.fullmatch(values["trainer_runtime"]) and len(values["trainer_runtime"]) <= 253):
+        raise invalid("trainer_runtime", "must be the name of a ClusterTrainingRuntime (lowercase letters, digits, "
+                                         "'-' and '.')")
 
 
 def check_cron(expression: str) -> str:
@@ -223,10 +261,11 @@ def _cron_value(text: str, low: int, names: tuple) -> int | None:
 
 
 @contextlib.contextmanager
-def compiled_package(image: str | None):
+def compiled_package(image: str | None, cuda_image: str | None):
     """The pipeline compiled from the installed code into a temporary file."""
     with tempfile.TemporaryDirectory(prefix="sspo-pipeline-") as folder:
-        yield _pipeline_module().compile_pipeline(str(Path(folder) / "pipeline.yaml"), image=image)
+        yield _pipeline_module().compile_pipeline(str(Path(folder) / "pipeline.yaml"), image=image,
+                                                  cuda_image=cuda_image)
 
 
 @contextlib.contextmanager
@@ -259,7 +298,7 @@ def connect(args):
 
 def compile_command(args) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    return {"output": _pipeline_module().compile_pipeline(args.output, image=args.image)}
+    return {"output": _pipeline_module().compile_pipeline(args.output, image=args.image, cuda_image=args.cuda_image)}
 
 
 def run_local_command(args) -> dict:
@@ -274,7 +313,7 @@ def run_local_command(args) -> dict:
 def submit_command(args) -> dict:
     arguments = pipeline_parameters(args)
     client = connect(args)
-    with kfp_errors(args.host), compiled_package(args.image) as package:
+    with kfp_errors(args.host), compiled_package(args.image, args.cuda_image) as package:
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
             namespace=args.namespace, service_account=args.service_account)
@@ -292,7 +331,7 @@ def schedule_create_command(args) -> dict:
     cron = check_cron(args.cron)
     arguments = pipeline_parameters(args)
     client = connect(args)
-    with kfp_errors(args.host), compiled_package(args.image) as package:
+    with kfp_errors(args.host), compiled_package(args.image, args.cuda_image) as package:
         experiment = client.create_experiment(args.experiment, namespace=args.namespace)
         recurring = client.create_recurring_run(
             experiment_id=experiment.experiment_id, job_name=args.name, cron_expression=cron, max_concurrency=1,

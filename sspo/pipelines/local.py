@@ -35,8 +35,9 @@ def run_local(workdir: Path, arguments: dict, *, registry: str | None = None, mo
         model = _ensure(str(workdir / "base"), lambda: run_bootstrap(config.load(
             "bootstrap", None, {"world": data, "output": str(workdir / "base"), "vae_steps": bootstrap_steps,
                                 "unet_steps": bootstrap_steps})))
+    # Steps run on this machine: training on its CPU unless gpus_per_node says otherwise.
     arguments = {"model_uri": model, "data_uri": data, "registry_url": registry or str(workdir / "registry"),
-                 **arguments}
+                 "gpus_per_node": 0, **arguments}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))
     with warnings.catch_warnings():
         # kfp.local warns that the components name a non-Python image: running them here is the point.

@@ -19,21 +19,94 @@ from sspo.evaluate.results import METRICS_FILE, Evaluation
 CANDIDATE, PRODUCTION = "candidate", "production"
 
 
-def run(argv: list) -> None:
-    """Run `sspo ARGV...` as its own process, as a user would; a non-zero exit raises (the CLI has already said
+def sspo_command(argv: list, processes: int = 1) -> list[str]:
+    """The command line of `sspo ARGV...`: one process, or `processes` processes on this machine under torchrun."""
+    argv = [str(arg) for arg in argv]
+    if processes <= 1:
+        return [sys.executable, "-m", "sspo", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "sspo", *argv]
+
+
+def run(argv: list, processes: int = 1) -> None:
+    """Run `sspo ARGV...` as its own process(es), as a user would; a non-zero exit raises (the CLI has already said
     why on stderr)."""
     argv = [str(arg) for arg in argv]
-    code = subprocess.run([sys.executable, "-m", "sspo", *argv]).returncode
+    code = subprocess.run(sspo_command(argv, processes)).returncode
     if code != 0:
         raise RuntimeError(f"`sspo {' '.join(argv)}` failed with exit code {code}")
 
 
-def run_stage(stage: str, **options) -> None:
-    """`sspo STAGE --field value ...`. params.yaml is ignored: in a pipeline, the pipeline parameters are the config."""
+def stage_argv(stage: str, **options) -> list[str]:
+    """`STAGE --field value ...`. params.yaml is ignored: in a pipeline, the pipeline parameters are the config."""
     argv: list = [stage, "--params", ""]
     for name, value in options.items():
         argv += ["--" + name.replace("_", "-"), value]
-    run(argv)
+    return [str(arg) for arg in argv]
+
+
+def run_stage(stage: str, **options) -> None:
+    """`sspo STAGE --field value ...` (see stage_argv)."""
+    run(stage_argv(stage, **options))
+
+
+def training_sources(registry_url: str, model_name: str, init_from_alias: str,
+                     replay_last_versions: int) -> tuple[str, list[str]]:
+    """(init_from, versions to replay) of a retraining: the URL of the version `init_from_alias` points at ('' =
+    the base model, also while the alias does not exist yet: the first scheduled run has no production version),
+    and the URLs of the last `replay_last_versions` registered versions other than that one, which is already the
+    first entry of the run's replay pool."""
+    from sspo import registry
+
+    init_from = ""
+    if init_from_alias:
+        version = registry.list_aliases(registry_url, model_name).get(init_from_alias)
+        if version is None:
+            print(f"{model_name} has no alias {init_from_alias!r} yet: starting from the base model")
+        else:
+            init_from = registry.version_url(registry_url, model_name, version)
+            print(f"starting from {model_name} version {version} ({init_from_alias}): {init_from}")
+    replayed = []
+    if replay_last_versions > 0:
+        urls = [registry.version_url(registry_url, model_name, version)
+                for version in registry.list_versions(registry_url, model_name)]
+        replayed = [url for url in urls if url != init_from][-replay_last_versions:]
+        print(f"replaying {len(replayed)} earlier version(s) of {model_name}: {', '.join(replayed) or 'none yet'}")
+    return init_from, replayed
+
+
+def train_options(registry_url: str, model_name: str, init_from_alias: str, replay_last_versions: int,
+                  replay_from: str, **options) -> dict:
+    """The options of `sspo train` in the pipeline: `options` with the retraining sources resolved (init_from,
+    and the replayed versions after the `replay_from` entries)."""
+    init_from, replayed = training_sources(registry_url, model_name, init_from_alias, replay_last_versions)
+    entries = [entry.strip() for entry in replay_from.split(",") if entry.strip()]
+    return {**options, "init_from": init_from, "replay_from": ",".join(entries + replayed)}
+
+
+def train_in_pod(gpus_per_node: int, **options) -> None:
+    """`sspo train` in this pod: on the CPU without GPUs, else one process per GPU (torchrun from 2 GPUs on)."""
+    run(stage_argv("train", **options, device="cuda" if gpus_per_node else "cpu"), processes=gpus_per_node)
+
+
+def train_on_nodes(*, num_nodes: int, gpus_per_node: int, accelerator: str, cpu: str, memory: str, image: str,
+                   runtime: str, run_id: str, **options) -> None:
+    """`torchrun -m sspo train` on `num_nodes` × `gpus_per_node` GPUs: a Kubeflow Trainer TrainJob in this pod's
+    namespace, waited for. It runs `image` with the steps' S3 secret and Pushgateway grouping, and writes to the
+    same run URL as a one-node training would."""
+    from sspo.pipelines import S3_SECRET, S3_SECRET_ENV, trainjob
+    from sspo.telemetry import PIPELINE_ENV
+
+    command = ["torchrun", "-m", "sspo", *stage_argv("train", **options, device="cuda")]
+    env = {"PYTHONUNBUFFERED": "1"}
+    if os.environ.get(PIPELINE_ENV):
+        env[PIPELINE_ENV] = os.environ[PIPELINE_ENV]
+    body = trainjob.build_trainjob(
+        name=trainjob.trainjob_name(run_id), image=image, command=command, num_nodes=num_nodes,
+        procs_per_node=gpus_per_node, accelerator=accelerator, cpu=cpu, memory=memory, run_id=run_id, env=env,
+        secret_env={variable: (S3_SECRET, key) for variable, key in S3_SECRET_ENV.items()}, runtime=runtime)
+    api, namespace = trainjob.kubernetes_api()
+    trainjob.run_trainjob(api, namespace, body)
 
 
 def finish_output(artifact) -> None:
