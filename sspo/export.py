@@ -35,6 +35,7 @@ MODEL_CARD = "README.md"
 MODEL_INDEX = "model_index.json"
 SAMPLES = "samples"
 UNET = "unet"
+MOTION_ADAPTER = "motion_adapter"
 GRID = re.compile(r"grid-[^/]+\.png")
 
 # Importing a pipeline class makes transformers warn that image processors fall back to PIL without torchvision. The
@@ -135,11 +136,15 @@ def build_folder(checkpoint: str, checkpoint_dir: Path, info: dict, base_url: st
 
     # The export writes its own manifest and card; a full fine-tune's UNet folder is written whole below (a variant
     # or .bin file of the base UNet left beside it would hold the old weights).
-    replaced = {storage.MANIFEST, MODEL_CARD, *([UNET] if full else [])}
+    # A video model's motion_adapter/ holds the motion modules again: the trained ones replace the base's.
+    motion = full and (base / MOTION_ADAPTER).is_dir()
+    replaced = {storage.MANIFEST, MODEL_CARD, *([UNET] if full else []), *([MOTION_ADAPTER] if motion else [])}
     shutil.copytree(base, directory, dirs_exist_ok=True,
                     ignore=lambda folder, names: [n for n in names if Path(folder) == base and n in replaced])
     if full:
         unet.save_pretrained(directory / UNET, safe_serialization=True)
+        if motion:
+            unet.save_motion_modules(str(directory / MOTION_ADAPTER), safe_serialization=True)
     else:
         (adapter,) = unet.active_adapters()
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))

@@ -136,7 +136,8 @@ def test_remote_data_is_streamed_through_a_bounded_cache(base_model, streamed, t
 def test_a_streamed_run_resumes_bit_identical(base_model, streamed, tmp_path):
     values = {"model": base_model, "data": streamed, **TINY, "objective": "dpo", "steps": 8, "save_every": 4,
               **STREAMED}
-    train(base_model, streamed, tmp_path / "straight", **{k: v for k, v in values.items() if k not in ("model", "data")})
+    train(base_model, streamed, tmp_path / "straight",
+          **{key: value for key, value in values.items() if key not in ("model", "data")})
     output = tmp_path / "resumed"
     store = RunStore(str(output))
     command = sspo_command("train", *flags({**values, "output": output}))

@@ -231,3 +231,22 @@ def test_evaluate_saves_every_clip_scores_it_with_the_video_oracle_and_rescores_
     with pytest.raises(SSPOError, match="oracle only"):
         run_evaluate(config.load("evaluate", None, {"model": video_model, "output": str(tmp_path / "other"),
                                                     "scorers": ["oracle", "clipscore"]}))
+
+
+def test_exported_full_video_model_carries_the_trained_motion_modules(video_model, video_prepared, tmp_path):
+    from diffusers import AnimateDiffPipeline
+
+    from sspo.stages import run_export
+
+    train(video_model, video_prepared, tmp_path / "run", steps=2, save_every=2, batch_size=2, sample_steps=2,
+          train_modules="motion")  # the first step's learning rate is 0 (warm-up)
+    run_export(config.load("export", None, {"checkpoint": str(tmp_path / "run"), "output": str(tmp_path / "out")}))
+    trained = load_file(tmp_path / "run" / "checkpoints" / "step-0000002" / "unet.safetensors")
+    exported = load_file(tmp_path / "out" / "motion_adapter" / "diffusion_pytorch_model.safetensors")
+    base = load_file(Path(video_model) / "motion_adapter" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == base.keys()
+    motion = {name: tensor for name, tensor in trained.items() if "motion_modules" in name}
+    assert len(motion) == len(exported) and all(motion[name].equal(exported[name]) for name in exported)
+    assert any(not exported[name].equal(base[name]) for name in exported), "the base's motion modules were kept"
+    pipeline = AnimateDiffPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert pipeline.motion_adapter is not None

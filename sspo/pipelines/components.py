@@ -19,43 +19,43 @@ gpu_component = dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 
 
 @component
-def list_parts(source: str, source_format: str, parts: int, prepared: Output[Dataset]) -> list:
+def list_parts(source: str, source_format: str, parts: int, frames: int, prepared: Output[Dataset]) -> list:
     """The parts of the source to prepare side by side: `parts` groups of its files (fewer when it has fewer).
     `prepared` is the dataset's folder: the parts are published below it, then merged into it."""
     from sspo.pipelines import shell
     from sspo.prepare import part_numbers
 
-    numbers = part_numbers(source, source_format, parts)
+    numbers = part_numbers(source, source_format, parts, frames)
     shell.finish_output(prepared)
     return numbers
 
 
 @component
-def prepare(source: str, source_format: str, resolution: int, limit: int, part: int, parts: int, model_uri: str,
-            encode_data: bool, prepared: Input[Dataset]):
+def prepare(source: str, source_format: str, resolution: int, limit: int, part: int, parts: int, frames: int,
+            model_uri: str, encode_data: bool, prepared: Input[Dataset]):
     """One part of the validated, resized training shards, published below the dataset's folder; a part already
     published is kept. With `encode_data` the shards also hold the base model's latents and prompt embeddings."""
     from sspo.pipelines import shell
 
     shell.run_stage("prepare", source=source, format=source_format, resolution=resolution, limit=limit, part=part,
-                    parts=parts, encode_with=model_uri if encode_data else "", output=prepared.uri)
+                    parts=parts, frames=frames, encode_with=model_uri if encode_data else "", output=prepared.uri)
 
 
 @component
-def merge_parts(source: str, source_format: str, parts: int, prepared: Input[Dataset]):
+def merge_parts(source: str, source_format: str, parts: int, frames: int, prepared: Input[Dataset]):
     """The dataset's manifest, listing the shards of every published part: one dataset for training."""
     from sspo.pipelines import shell
 
     shell.run(["prepare", "--params", "", "--source", source, "--format", source_format, "--parts", parts,
-               "--merge", "--output", prepared.uri])
+               "--frames", frames, "--merge", "--output", prepared.uri])
 
 
 @gpu_component
 def train(model_uri: str, data: Input[Dataset], objective: str, steps: int, batch_size: int,
           gradient_accumulation_steps: int, learning_rate: float, beta: float, replay: str, save_every: int,
-          sampler: str, sample_steps: int, lora_rank: int, replay_from: str, pushgateway: str, registry_url: str,
-          model_name: str, init_from_alias: str, replay_last_versions: int, gpus_per_node: int, accelerator: str,
-          cpu_per_node: str, memory_per_node: str, run: Output[Model]) -> NamedTuple(
+          sampler: str, sample_steps: int, lora_rank: int, replay_from: str, train_modules: str, pushgateway: str,
+          registry_url: str, model_name: str, init_from_alias: str, replay_last_versions: int, gpus_per_node: int,
+          accelerator: str, cpu_per_node: str, memory_per_node: str, run: Output[Model]) -> NamedTuple(
         "Trained", run_uri=str):
     """Fine-tune on this pod's `gpus_per_node` GPUs (one process each; 0 = on the CPU); checkpoints are published
     below the run as they are saved, so a retried pod resumes from the latest one. Returns the run's URL."""
@@ -68,7 +68,7 @@ def train(model_uri: str, data: Input[Dataset], objective: str, steps: int, batc
         data=data.uri, output=run.uri, objective=objective, steps=steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, beta=beta,
         replay=replay, save_every=save_every, sampler=sampler, sample_steps=sample_steps, lora_rank=lora_rank,
-        pushgateway=pushgateway)
+        train_modules=train_modules, pushgateway=pushgateway)
     shell.train_in_pod(gpus_per_node, **options)
     shell.finish_output(run)
     return (run.uri,)
@@ -77,8 +77,8 @@ def train(model_uri: str, data: Input[Dataset], objective: str, steps: int, batc
 @component
 def train_nodes(model_uri: str, data: Input[Dataset], objective: str, steps: int, batch_size: int,
                 gradient_accumulation_steps: int, learning_rate: float, beta: float, replay: str, save_every: int,
-                sampler: str, sample_steps: int, lora_rank: int, replay_from: str, pushgateway: str,
-                registry_url: str, model_name: str, init_from_alias: str, replay_last_versions: int,
+                sampler: str, sample_steps: int, lora_rank: int, replay_from: str, train_modules: str,
+                pushgateway: str, registry_url: str, model_name: str, init_from_alias: str, replay_last_versions: int,
                 num_nodes: int, gpus_per_node: int, accelerator: str, cpu_per_node: str, memory_per_node: str,
                 trainer_runtime: str, image: str, run_id: str, run: Output[Model]) -> NamedTuple(
         "Trained", run_uri=str):
@@ -91,7 +91,7 @@ def train_nodes(model_uri: str, data: Input[Dataset], objective: str, steps: int
         data=data.uri, output=run.uri, objective=objective, steps=steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, beta=beta,
         replay=replay, save_every=save_every, sampler=sampler, sample_steps=sample_steps, lora_rank=lora_rank,
-        pushgateway=pushgateway)
+        train_modules=train_modules, pushgateway=pushgateway)
     shell.train_on_nodes(num_nodes=num_nodes, gpus_per_node=gpus_per_node, accelerator=accelerator,
                          cpu=cpu_per_node, memory=memory_per_node, image=image, runtime=trainer_runtime,
                          run_id=run_id, **options)
@@ -110,7 +110,8 @@ def register(registry_url: str, model_name: str, run_uri: str, data: Input[Datas
 
 @gpu_component
 def evaluate(model_uri: str, checkpoint: str, registry_url: str, model_name: str, prompts: str, scorers: str,
-             seeds: str, sample_steps: int, guidance: float, pushgateway: str, evaluation: Output[Artifact],
+             seeds: str, sample_steps: int, guidance: float, frames: int, pushgateway: str,
+             evaluation: Output[Artifact],
              production_evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown]):
     """Base vs candidate on fixed prompts × seeds, and base vs the current production version with the very same
     settings (when there is one), so that the promotion compares like with like. Production goes first: the
@@ -119,7 +120,7 @@ def evaluate(model_uri: str, checkpoint: str, registry_url: str, model_name: str
     from sspo.pipelines import shell
 
     settings = dict(model=model_uri, prompts=prompts, scorers=scorers, seeds=seeds, sample_steps=sample_steps,
-                    guidance=guidance, pushgateway=pushgateway)
+                    guidance=guidance, frames=frames, pushgateway=pushgateway)
     production = shell.production_checkpoint(registry_url, model_name)
     if production:
         shell.run_stage("evaluate", checkpoint=production, output=production_evaluation.uri, **settings)

@@ -34,15 +34,16 @@ PipelineOutputs = NamedTuple("Outputs", metrics=dsl.Metrics, report=dsl.Markdown
 # the resources, the retraining sources).
 STAGE_FIELDS = {
     "prepare": {"data_uri": "source", "data_format": "format", "resolution": "resolution", "data_limit": "limit",
-                "data_parts": "parts"},
+                "data_parts": "parts", "data_frames": "frames"},
     "train": {"model_uri": "model", "objective": "objective", "steps": "steps", "batch_size": "batch_size",
               "gradient_accumulation_steps": "gradient_accumulation_steps", "learning_rate": "learning_rate",
               "beta": "beta", "replay": "replay", "save_every": "save_every", "sampler": "sampler",
               "sample_steps": "sample_steps", "lora_rank": "lora_rank", "replay_from": "replay_from",
-              "pushgateway_url": "pushgateway"},
+              "train_modules": "train_modules", "pushgateway_url": "pushgateway"},
     "register": {"registry_url": "registry", "model_name": "name"},
     "evaluate": {"model_uri": "model", "eval_prompts": "prompts", "eval_scorers": "scorers", "eval_seeds": "seeds",
-                 "eval_sample_steps": "sample_steps", "eval_guidance": "guidance", "pushgateway_url": "pushgateway"},
+                 "eval_sample_steps": "sample_steps", "eval_guidance": "guidance", "eval_frames": "frames",
+                 "pushgateway_url": "pushgateway"},
 }
 # The fields the pipeline fills at run time with the URIs of the artifacts it makes.
 ARTIFACT_FIELDS = {"prepare": ("output",), "train": ("data", "output"),
@@ -53,19 +54,20 @@ def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_ENV)
 
 
-def prepare_dataset(data_uri, data_format, resolution, data_limit, data_parts, model_uri, encode_data):
+def prepare_dataset(data_uri, data_format, resolution, data_limit, data_parts, data_frames, model_uri, encode_data):
     """The prepare steps, fanned out over the source's files: list the parts, prepare each part in a step of its own
     (side by side), merge them. Returns the dataset (the list step's output, which the parts and the merge fill)
     and the merge task, after which it is complete. A rerun served from the cache finds its parts in the same
     folder and prepares only those that are not published yet."""
-    list_task = components.list_parts(source=data_uri, source_format=data_format, parts=data_parts)
+    list_task = components.list_parts(source=data_uri, source_format=data_format, parts=data_parts,
+                                      frames=data_frames)
     prepared = list_task.outputs["prepared"]
     with dsl.ParallelFor(list_task.outputs["Output"], name="prepare-parts") as part:
         prepare_task = components.prepare(source=data_uri, source_format=data_format, resolution=resolution,
-                                          limit=data_limit, part=part, parts=data_parts, model_uri=model_uri,
-                                          encode_data=encode_data, prepared=prepared)
+                                          limit=data_limit, part=part, parts=data_parts, frames=data_frames,
+                                          model_uri=model_uri, encode_data=encode_data, prepared=prepared)
     merge_task = components.merge_parts(source=data_uri, source_format=data_format, parts=data_parts,
-                                        prepared=prepared).after(prepare_task)
+                                        frames=data_frames, prepared=prepared).after(prepare_task)
     for task in (list_task, prepare_task, merge_task):
         _with_s3(task).set_retry(**IO_RETRY)
     return prepared, merge_task
@@ -82,6 +84,7 @@ def sspo_pipeline(
     resolution: int = _prepare.resolution,
     data_limit: int = _prepare.limit,
     data_parts: int = _prepare.parts,
+    data_frames: int = _prepare.frames,
     encode_data: bool = False,
     objective: str = _train.objective,
     steps: int = _train.steps,
@@ -95,11 +98,13 @@ def sspo_pipeline(
     sample_steps: int = _train.sample_steps,
     lora_rank: int = _train.lora_rank,
     replay_from: str = ",".join(_train.replay_from),
+    train_modules: str = _train.train_modules,
     eval_prompts: str = ",".join(_evaluate.prompts),
     eval_scorers: str = ",".join(_evaluate.scorers),
     eval_seeds: str = ",".join(str(seed) for seed in _evaluate.seeds),
     eval_sample_steps: int = _evaluate.sample_steps,
     eval_guidance: float = _evaluate.guidance,
+    eval_frames: int = _evaluate.frames,
     promotion_split: str = "heldout",
     min_win_rate: float = 0.5,
     min_improvement: float = 0.0,
@@ -115,14 +120,15 @@ def sspo_pipeline(
     init_from_alias: str = "",
     replay_last_versions: int = 0,
 ) -> PipelineOutputs:
-    prepared, merge_task = prepare_dataset(data_uri, data_format, resolution, data_limit, data_parts, model_uri,
-                                           encode_data)
+    prepared, merge_task = prepare_dataset(data_uri, data_format, resolution, data_limit, data_parts, data_frames,
+                                           model_uri, encode_data)
 
     training = dict(
         model_uri=model_uri, data=prepared, objective=objective, steps=steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, beta=beta,
         replay=replay, save_every=save_every, sampler=sampler, sample_steps=sample_steps, lora_rank=lora_rank,
-        replay_from=replay_from, pushgateway=pushgateway_url, registry_url=registry_url, model_name=model_name,
+        replay_from=replay_from, train_modules=train_modules, pushgateway=pushgateway_url, registry_url=registry_url,
+        model_name=model_name,
         init_from_alias=init_from_alias, replay_last_versions=replay_last_versions,
     )
     # kfp 2.17 hands a pipeline parameter to a condition's tasks only when a component input takes it, not when
@@ -155,7 +161,7 @@ def sspo_pipeline(
     evaluate_task = components.evaluate(
         model_uri=model_uri, checkpoint=register_task.outputs["checkpoint"], registry_url=registry_url,
         model_name=model_name, prompts=eval_prompts, scorers=eval_scorers, seeds=eval_seeds,
-        sample_steps=eval_sample_steps, guidance=eval_guidance, pushgateway=pushgateway_url,
+        sample_steps=eval_sample_steps, guidance=eval_guidance, frames=eval_frames, pushgateway=pushgateway_url,
     )
     evaluate_task.set_retry(**IO_RETRY).set_accelerator_type(accelerator).set_accelerator_limit(eval_gpus)
 

@@ -290,7 +290,8 @@ class ShardDataset:
             return
         if self.prefetching is not None:
             self.prefetching.result()  # a failed download stops the run here
-        names = [self.shards[i][key] for i in self.order.next_window_shards(position) for key in ("tensors", "captions")]
+        names = [self.shards[i][key] for i in self.order.next_window_shards(position)
+                 for key in ("tensors", "captions")]
         missing = [name for name in names if not self.files.is_cached(name)]
         if missing:
             self.prefetching = self.fetcher.submit(lambda: [self.files.path(name) for name in missing])

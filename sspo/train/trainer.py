@@ -290,7 +290,8 @@ class Trainer:
 
         index = self.reference_index(step, slot)
         self.reference.activate(self.pool[index])
-        upcoming = (step, self.slot(micro + 1)) if micro + 1 < cfg.gradient_accumulation_steps else (step + 1, self.rank)
+        last_micro = micro + 1 == cfg.gradient_accumulation_steps
+        upcoming = (step + 1, self.rank) if last_micro else (step, self.slot(micro + 1))
         self.reference.prefetch(self.pool[self.reference_index(*upcoming)])
 
         with torch.no_grad(), self.reference.model() as reference_unet:
