@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sspo import config
 from sspo.errors import SSPOError
 from sspo.models import latent_sample, load_components
-from sspo.run_store import RunStore
+from sspo.run_store import RunStore, read_log
 from sspo.stages import run_bootstrap, run_evaluate, run_prepare, run_world
 from sspo.toy.video_world import NUM_FRAMES, read_clip, render, VideoScene, write_clip
 from sspo.train.data import ShardDataset
@@ -46,10 +46,6 @@ def video_model(video_world, tmp_path_factory):
         "world": video_world, "output": output, "family": "video", "vae_steps": 30, "vae_batch_size": 16,
         "unet_steps": 20, "unet_batch_size": 4}))
     return output
-
-
-def read_log(output) -> list[dict]:
-    return [json.loads(line) for line in (Path(output) / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_prepare_stores_the_worlds_clips_as_uint8_frames(video_world, video_prepared):
@@ -189,7 +185,7 @@ def test_killed_and_resumed_video_run_ends_bit_identical(video_model, video_prep
     resumed = subprocess.run(sspo_command("train", *common), capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    assert without_timings(read_log(output)) == without_timings(read_log(tmp_path / "straight"))
+    assert without_timings(read_log(str(output))) == without_timings(read_log(str(tmp_path / "straight")))
     for step in (4, 8):
         name = Path("checkpoints") / f"step-{step:07d}" / "unet.safetensors"
         straight, again = load_file(tmp_path / "straight" / name), load_file(Path(output) / name)
