@@ -257,7 +257,7 @@ def test_the_pipeline_prepares_three_parts_side_by_side_and_merges_them(s3, pick
 
     @dsl.pipeline
     def prepare_only(data_uri: str, data_parts: int):
-        pipeline.prepare_dataset(data_uri, "auto", R, 0, data_parts, "", False)
+        pipeline.prepare_dataset(data_uri, "auto", R, 0, data_parts, 0, "", False)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     with warnings.catch_warnings():
