@@ -307,22 +307,22 @@ class ShardDataset:
         self.prefetch(position)
         return {**batch, "ids": ids}
 
-    def rows(self, ids, roles=("winner", "loser")) -> dict:
-        """The stored samples: uint8 images (B, 3, R, R) of the `roles` the dataset holds ("winner", "loser"), each
+    def rows(self, ids, served_images: bool = True) -> dict:
+        """The stored samples: uint8 images (B, 3, R, R) of the roles the dataset holds ("winner", "loser"), each
         image's geometry ("geometry", "loser_geometry": original height, original width, crop top, crop left),
-        "captions", "splits", and the served encodings the samples hold."""
+        "captions", "splits", and the served encodings the samples hold. Without `served_images`, images whose
+        latent distribution is served are not read."""
         located = [self.locate(int(i)) for i in ids]
         rows: dict = {"captions": [shard.captions[row] for shard, row in located],
                       "splits": [shard.splits[row] for shard, row in located]}
-        for role in ("winner", "loser") if self.paired else ("winner",):
-            if role in roles:
-                rows[role] = torch.cat([shard.read(role, row) for shard, row in located])
-            rows["geometry" if role == "winner" else "loser_geometry"] = torch.stack(
-                [shard.geometry[role][row] for shard, row in located])
         if self.encoded_with is not None:
             for key, name in ENCODED.items():
                 if all(name in shard.names for shard, _ in located):
                     rows[key] = torch.cat([shard.read(name, row) for shard, row in located])
+        for role, prefix in (("winner", ""), ("loser", "loser_")) if self.paired else (("winner", ""),):
+            if served_images or not {f"{prefix}latent_mean", f"{prefix}latent_logvar"} <= rows.keys():
+                rows[role] = torch.cat([shard.read(role, row) for shard, row in located])
+            rows[f"{prefix}geometry"] = torch.stack([shard.geometry[role][row] for shard, row in located])
         return rows
 
     def batch(self, ids) -> dict:
@@ -330,23 +330,13 @@ class ShardDataset:
         "loser_pixels"), captions, each image's geometry, and the served encodings (latent_mean, latent_logvar,
         loser_latent_mean, loser_latent_logvar, prompt_hidden, prompt_pooled). Images whose latent distribution is
         served are not read."""
-        located_names = self.encoded_names(ids)
-        roles = [role for role in ("winner", "loser")
-                 if not {f"{role}_latent_mean", f"{role}_latent_logvar"} <= located_names]
-        rows = self.rows(ids, roles)
+        rows = self.rows(ids, served_images=False)
         batch = {key: rows[key] for key in ("captions", "geometry", *ENCODED) if key in rows}
         batch["loser_geometry"] = rows.get("loser_geometry")
         for role, key in (("winner", "pixels"), ("loser", "loser_pixels")):
             if role in rows:
                 batch[key] = to_unit_range(rows[role])
         return batch
-
-    def encoded_names(self, ids) -> set[str]:
-        """The served encoding tensors that every one of these samples' shards holds."""
-        if self.encoded_with is None:
-            return set()
-        shards = [self.locate(int(i))[0] for i in ids]
-        return {name for name in ENCODED.values() if all(name in shard.names for shard in shards)}
 
     def close(self) -> None:
         self.fetcher.shutdown(wait=True, cancel_futures=True)
