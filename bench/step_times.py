@@ -12,6 +12,7 @@ Measures, in one process so the ratios share the machine's state:
   time the step waited for it;
 - the dpo and sspo steps on pairs prepared with `--encode-with` (latents and prompt embeddings stored), with the
   stored encodings and with use_encodings off (VAE and text encoders run every step);
+- the dpo step with each AdamW implementation (`adam_kernel`: default, foreach, fused);
 - the share of a dpo step spent reading its data (the trainer's `data_seconds`), with the data on local disk and
   streamed from an S3 server on loopback (moto, as in the tests) through the bounded shard cache.
 The figures are also written to bench/results/step_times.json. Prepare throughput is bench/prepare_throughput.py.
@@ -39,6 +40,7 @@ from safetensors.torch import save_file
 
 from s3server import BUCKET, S3Server, apply_env, restore_env  # noqa: E402
 from sspo import config, storage
+from sspo.config import ADAM_KERNELS
 from sspo.models import load_components, lora_config
 from sspo.sampling import make_sampler, sample_latents
 from sspo.stages import run_bootstrap, run_prepare, run_train, run_world
@@ -114,23 +116,27 @@ def saving_step_seconds(common: dict, work: Path, background: bool, warmup: int 
             "wait": summary["checkpoint_wait_seconds"] / len(saves)}
 
 
-def encoding_step_seconds(common: dict, work: Path, world: str, base: str, rounds: int = 3) -> dict:
-    """Median dpo and sspo steps on pairs prepared with their latent distributions and prompt embeddings
-    (`--encode-with`), using them and, with use_encodings off, VAE- and text-encoding every step as before. The
-    runs alternate for `rounds` rounds (median of their medians), so a change in the machine's load mid-way does not
-    fall on one side only."""
+def alternating_medians(common: dict, work: Path, variants: dict, rounds: int = 3) -> dict:
+    """Median step of each variant (train settings over `common`). The runs alternate for `rounds` rounds (median of
+    their medians), so a change in the machine's load mid-way does not fall on one variant only."""
+    medians: dict = {}
+    for round_ in range(rounds):
+        for index, (key, settings) in enumerate(variants.items()):
+            run = work / f"run-variant-{index}-{round_}"
+            run_train(config.load("train", None, {**common, **settings, "output": str(run)}))
+            medians.setdefault(key, []).append(median_step_seconds(run))
+    return {key: statistics.median(values) for key, values in medians.items()}
+
+
+def encoding_step_seconds(common: dict, work: Path, world: str, base: str) -> dict:
+    """dpo and sspo steps on pairs prepared with their latent distributions and prompt embeddings (`--encode-with`),
+    using them and, with use_encodings off, VAE- and text-encoding every step as before."""
     data = str(work / "pairs-encoded")
     run_prepare(config.load("prepare", None, {"source": world, "output": data, "keep_pairs": True,
                                               "encode_with": base}))
-    medians: dict[tuple[str, bool], list[float]] = {}
-    for round_ in range(rounds):
-        for objective in ("dpo", "sspo"):
-            for stored in (True, False):
-                run = work / f"run-{objective}-encodings-{'stored' if stored else 'off'}-{round_}"
-                run_train(config.load("train", None, {**common, "data": data, "objective": objective,
-                                                      "output": str(run), "use_encodings": stored}))
-                medians.setdefault((objective, stored), []).append(median_step_seconds(run))
-    return {key: statistics.median(values) for key, values in medians.items()}
+    return alternating_medians(common, work / "encodings", {
+        (objective, stored): {"data": data, "objective": objective, "use_encodings": stored}
+        for objective in ("dpo", "sspo") for stored in (True, False)})
 
 
 def main() -> None:
@@ -158,6 +164,8 @@ def main() -> None:
     data_share = {"local": median_data_share(work / "run-dpo"), "S3": streamed_data_share(common, work)}
     saving = {background: saving_step_seconds(common, work, background) for background in (False, True)}
     encoding = encoding_step_seconds(common, work, world, base)
+    adam = alternating_medians(common, work / "adam", {kernel: {"objective": "dpo", "adam_kernel": kernel}
+                                                      for kernel in ADAM_KERNELS})
 
     # A neighbour busy on one core, as on a shared node: the trainer with torch's default pool (one thread per core)
     # against one thread per CPU left, which is what `threads` (or the pod's CPU quota) gives.
@@ -241,6 +249,7 @@ def main() -> None:
         ("step's wait for the background publish, per save", saving[True]["wait"]),
         *((f"{objective} step, {'stored encodings' if stored else 'encoding each step'}", seconds)
           for (objective, stored), seconds in encoding.items()),
+        *((f"dpo step, AdamW {kernel}", seconds) for kernel, seconds in adam.items()),
     ]
     print(f"\ntoy model, batch {BATCH}, {device}, {torch.get_num_threads()} threads; medians; ratio = time / dpo step")
     print(f"{'measure':<52}{'seconds':>10}{'ratio':>8}")
@@ -253,6 +262,7 @@ def main() -> None:
     background_over_inline = saving[True]["step"] / saving[False]["step"]
     print(f"dpo step + save, background / inline publish: {background_over_inline:.3f}")
     print(f"dpo step, stored encodings / encoding each step: {encoding['dpo', True] / encoding['dpo', False]:.3f}")
+    print(f"dpo step, fused / default AdamW: {adam['fused'] / adam['default']:.3f}")
     for where, share in data_share.items():
         print(f"dpo step, share spent reading data ({where}): {share:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -263,6 +273,7 @@ def main() -> None:
         "sspo_paper_sampler_throughput_over_dpo": throughput["sspo, paper sampler"],
         "save_step_background_over_inline": background_over_inline,
         "dpo_step_stored_encodings_over_encoding_each_step": encoding["dpo", True] / encoding["dpo", False],
+        "dpo_step_fused_adam_over_default": adam["fused"] / adam["default"],
         "dpo_step_data_share": data_share},
         indent=2))
     print(f"written to {RESULTS / 'step_times.json'}")

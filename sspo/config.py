@@ -19,6 +19,7 @@ REPLAY_DISTRIBUTIONS = ("uniform", "initial", "latest")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cuda", "cpu")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+ADAM_KERNELS = ("default", "foreach", "fused")
 EXPERIMENT_PHASES = ("all", "cells", "report")
 MAX_RESOLUTION = 4096  # past SDXL's 1024 and video upscalers' 2048; a typo like 100000 would need ~30 GB per image
 
@@ -33,9 +34,17 @@ class WorldConfig:
     seed: int = 0
     video: bool = field(default=False, metadata={
         "help": "render the video world instead: 8-frame clips (GIF) of a shape moving left, right, up or down"})
+    validation_split: bool = field(default=False, metadata={
+        "help": "label 12 of the 48 training combinations 'validation' (for choosing settings; toy:validation)"})
+    winner_errors: float = field(default=0.0, metadata={
+        "help": "fraction of winners drawn with one attribute wrong (their losers with two): winners that are only "
+                "preferred"})
 
     def validate(self):
         _require(self.samples_per_scene > 0, "samples_per_scene must be positive")
+        _require(0 <= self.winner_errors <= 1, "winner_errors must be between 0 and 1")
+        _require(not (self.video and (self.validation_split or self.winner_errors)),
+                 "validation_split and winner_errors are options of the image world, not the video world")
 
 
 @dataclass
@@ -140,7 +149,8 @@ class TrainConfig:
     model: str = field(default="models/base", metadata={"help": "base model: diffusers folder path or URL"})
     data: str = field(default="data/prepared", metadata={"help": "prepared shards path or URL"})
     output: str = field(default="runs/sspo", metadata={"help": "run folder path or URL; checkpoints go below it"})
-    data_split: str = field(default="", metadata={"help": "train only on samples of this split ('' = all)"})
+    data_split: str = field(default="", metadata={
+        "help": "train only on samples of this split, or of several joined by + (train+validation); '' = all"})
     shuffle_shards: int = field(default=64, metadata={
         "help": "shards whose samples are shuffled together; two such windows are open (and, for remote data, "
                 "cached locally) at a time"})
@@ -161,6 +171,9 @@ class TrainConfig:
     lr_schedule: str = "constant_with_warmup"
     lr_warmup_steps: int = 10
     adam_weight_decay: float = 0.0
+    adam_kernel: str = field(default="default", metadata={
+        "help": "AdamW implementation: default (torch's choice for the device), foreach (one kernel per step for "
+                "all tensors) or fused (one fused kernel; CPU and CUDA)"})
     max_grad_norm: float = 1.0
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full UNet"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = same as rank)"})
@@ -204,6 +217,7 @@ class TrainConfig:
 
         _require(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}")
         _require(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
+        _require(self.adam_kernel in ADAM_KERNELS, f"adam_kernel must be one of {', '.join(ADAM_KERNELS)}")
         _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         _require(self.beta > 0, "beta must be positive")
         # Comparisons with NaN are false: each float knob has a rule that a NaN breaks.
@@ -339,6 +353,15 @@ class ExperimentConfig:
         "help": "comma-separated scorers of every evaluation (as in evaluate); arms are compared by the first"})
     prompts: list[str] = field(default_factory=lambda: ["toy:train", "toy:heldout"], metadata={
         "help": "comma-separated prompt sets of every evaluation (as in evaluate); the table details the last"})
+    eval_at_steps: list[int] = field(default_factory=list, metadata={
+        "help": "also evaluate each run's checkpoints at these steps (multiples of train.save_every): scores over "
+                "steps"})
+    sweep_beta: list[float] = field(default_factory=list, metadata={
+        "help": "a settings sweep: every arm trains with each beta (arms without one, sft, skip it) × learning rate "
+                "listed, and the report writes chosen.json, each arm's best settings by the first prompt set's score"})
+    sweep_learning_rate: list[float] = field(default_factory=list, metadata={"help": "learning rates of the sweep"})
+    tuned: str = field(default="", metadata={
+        "help": "a sweep's chosen.json: each arm trains with the beta and learning rate chosen there"})
     phase: str = field(default="all", metadata={
         "help": "all: run missing (arm, seed) cells, then tabulate; cells: only run them; report: only tabulate "
                 "finished cells (DVC runs cells and report as separate stages)"
@@ -346,6 +369,12 @@ class ExperimentConfig:
 
     def validate(self):
         _require(len(self.arms) > 0 and len(self.seeds) > 0, "arms and seeds must not be empty")
+        _require(all(0 < step < self.steps for step in self.eval_at_steps),
+                 "eval_at_steps must lie between 0 and steps (the last step is always evaluated)")
+        _require(all(value > 0 for value in (*self.sweep_beta, *self.sweep_learning_rate)),
+                 "sweep_beta and sweep_learning_rate must be positive")
+        _require(not (self.tuned and (self.sweep_beta or self.sweep_learning_rate)),
+                 "tuned settings and a sweep exclude each other")
         _require(self.phase in EXPERIMENT_PHASES, f"phase must be one of {', '.join(EXPERIMENT_PHASES)}")
         _require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
         _require(len(self.prompts) > 0, "prompts must name at least one prompt set")
@@ -452,13 +481,25 @@ def read_yaml_mapping(params_file: str) -> dict:
     return loaded
 
 
+def params_sections(params_file: str) -> dict:
+    """The stage sections of a params file; `FILE#KEY` names those under KEY (`a.b` for nested keys), for a file
+    holding several sets of params (e.g. one per condition of an experiment)."""
+    path, _, key = params_file.partition("#")
+    sections = read_yaml_mapping(path)
+    for name in key.split(".") if key else []:
+        sections = sections.get(name) if isinstance(sections, dict) else None
+        if not isinstance(sections, dict):
+            raise SSPOError(f"invalid config: {path} has no mapping {key!r}")
+    return sections
+
+
 def load(stage: str, params_file: str | None, overrides: dict) -> typing.Any:
     """The stage's config: defaults, then params.yaml[stage], then `overrides` (already-typed or string values)."""
     cls = STAGES[stage]
     types = field_types(cls)
     values: dict = {}
     if params_file:
-        section = read_yaml_mapping(params_file).get(stage) or {}
+        section = params_sections(params_file).get(stage) or {}
         if not isinstance(section, dict):
             raise SSPOError(f"invalid config: [{stage}] in {params_file} must be a mapping of names to values")
         unknown = sorted(set(section) - set(types))

@@ -7,6 +7,7 @@ import sys
 import uuid
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from s3proxy import Fault, S3Proxy
 from s3server import BUCKET, apply_env, restore_env
@@ -153,3 +154,19 @@ def test_dpo_needs_paired_data(base_model, prepared, tmp_path):
                                                           "output": tmp_path / "dpo"})),
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--keep-pairs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_adam_kernels_train_alike_and_a_bad_one_is_one_line(base_model, prepared, tmp_path):
+    """foreach and fused AdamW are the same update as torch's default up to float32 rounding."""
+    weights = {}
+    for kernel in ("default", "foreach", "fused"):
+        output = tmp_path / kernel
+        train(base_model, prepared, output, objective="sft", adam_kernel=kernel)
+        weights[kernel] = load_file(storage.fetch_file(RunStore(str(output)).checkpoint_url(4), "unet.safetensors"))
+    for kernel in ("foreach", "fused"):
+        for name, expected in weights["default"].items():
+            assert torch.allclose(weights[kernel][name], expected, rtol=1e-4, atol=1e-6), f"{kernel}: {name}"
+    result = subprocess.run(sspo_command("train", "--adam-kernel", "apex", "--output", str(tmp_path / "x")),
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "adam_kernel must be one of" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -177,7 +177,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+        kernel = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adam_kernel]
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
+                                      **kernel)
         self.lr_scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
         )
