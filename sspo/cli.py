@@ -28,7 +28,7 @@ log = logging.getLogger("sspo")
 def add_config_flags(sub: argparse.ArgumentParser, stage: str, cls) -> None:
     """--params plus one flag per field of the stage's config dataclass."""
     default_params = "params.yaml" if Path("params.yaml").exists() else None
-    sub.add_argument("--params", default=default_params, help=f"YAML file whose '{stage}' section sets defaults")
+    sub.add_argument("--params", default=default_params, help=f"YAML file whose '{stage}' section sets defaults (FILE#KEY: the sections under KEY)")
     types = config.field_types(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")

@@ -1,17 +1,25 @@
 """`sspo experiment`: the paper's comparison, every arm trained from the same base, data, budget and seeds.
 
 Arms: sft, dpo (paired data), spin, sspo (uniform replay, sign SSR) and its ablations (replay initial / latest,
-SSR off / indicator). Each (arm, seed) trains into `<output>/runs/<arm>-seed<k>` and is evaluated into
-`<output>/eval/<arm>-seed<k>`; finished pieces are skipped, so an interrupted experiment resumes where it stopped
-(a half-trained run resumes from its latest checkpoint). `phase` splits the work in two (run the cells, tabulate
-them) so that experiments/dvc.yaml can track every cell as its own stage.
+SSR off / indicator / sft). Each (arm, seed) trains into `<output>/runs/<arm>-seed<k>` and is evaluated into
+`<output>/eval/<arm>-seed<k>` (its checkpoints at `eval_at_steps` into `...-step<N>`); finished pieces are skipped,
+so an interrupted experiment resumes where it stopped (a half-trained run resumes from its latest checkpoint).
+`phase` splits the work in two (run the cells, tabulate them) so that a DVC pipeline can track every cell as its
+own stage.
+
+Fair settings: with `sweep_beta` / `sweep_learning_rate` every arm runs each combination (labelled e.g.
+`sspo-beta400-lr0.0002`) and the report writes `chosen.json`, each arm's best by the first prompt set (a validation
+split); an experiment with `tuned` set to that file trains each arm with its chosen settings. With two or more
+seeds and an sft arm the report adds paired comparisons against sft (same seeds).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +30,9 @@ from sspo.errors import SSPOError
 from sspo.evaluate import prompts as prompt_sets
 from sspo.evaluate.evaluate import evaluate
 from sspo.evaluate.results import Evaluation
+from sspo.toy import video_world
 from sspo.toy.world import ATTRIBUTES
+from sspo.run_store import RunStore
 from sspo.train.trainer import train
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,8 @@ ARMS = {
     "sspo-replay-latest": {"objective": "sspo", "replay": "latest", "ssr": "sign"},
     "sspo-ssr-off": {"objective": "sspo", "replay": "uniform", "ssr": "off"},
     "sspo-ssr-indicator": {"objective": "sspo", "replay": "uniform", "ssr": "indicator"},
+    # SSR as the paper's final abstract words it: the DPO loss turns into SFT on the winner when s = -1
+    "sspo-ssr-sft": {"objective": "sspo", "replay": "uniform", "ssr": "sft"},
     # The paper's self-sampler (DDIM, 10 steps) against the default (DPM-Solver++, 4 steps): same loss, 2.5x the cost.
     "sspo-paper-sampler": {"objective": "sspo", "replay": "uniform", "ssr": "sign", "sampler": "ddim",
                            "sample_steps": 10},
@@ -44,6 +56,8 @@ PAPER_PICKSCORE = {
     "sft": 21.32, "spin": 21.55, "sspo": 21.57, "sspo-replay-initial": 21.41, "sspo-replay-latest": 21.34,
     "sspo-ssr-off": 20.88, "sspo-ssr-indicator": 21.56,
 }
+SWEPT = ("beta", "learning_rate")  # the train settings a sweep varies
+SHORT_NAMES = {"beta": "beta", "learning_rate": "lr"}
 LABELS = {"heldout": "held-out", "color": "colour"}  # prompt sets and attributes as the table names them
 # Two-sided 95% Student-t quantiles by degrees of freedom; beyond the table the normal quantile is close enough.
 T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -68,41 +82,97 @@ def compared_on(cfg: ExperimentConfig) -> tuple[str, list[str]]:
     return cfg.scorers[0], [prompt_sets.name_and_url(spec)[0] for spec in cfg.prompts]
 
 
-def cell_urls(cfg: ExperimentConfig, arm: str, seed: int) -> tuple[str, str]:
-    """Where one (arm, seed) trains and where it is evaluated."""
-    name = f"{arm}-seed{seed}"
-    return storage.join(cfg.output, "runs", name), storage.join(cfg.output, "eval", name)
+@dataclass
+class Cell:
+    """One training run of the grid: an arm (or one of its sweep variants, `label`) with a seed and the train
+    settings that differ from the arm's (a sweep variant's, or the ones a sweep chose)."""
+
+    arm: str
+    label: str
+    seed: int
+    settings: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
 
 
-def is_finished(cfg: ExperimentConfig, arm: str, seed: int) -> bool:
-    return storage.is_published(cell_urls(cfg, arm, seed)[1])
+def sweep_variants(cfg: ExperimentConfig, arm: str) -> list[dict]:
+    """The settings an arm runs with in a sweep (one empty dict without a sweep); sft has no beta to sweep."""
+    grid = {"beta": [] if ARMS[arm]["objective"] == "sft" else cfg.sweep_beta,
+            "learning_rate": cfg.sweep_learning_rate}
+    keys = [key for key, values in grid.items() if values]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[key] for key in keys))]
 
 
-def run_cell(cfg: ExperimentConfig, arm: str, seed: int) -> None:
-    """Train and evaluate one (arm, seed), skipping what is already published."""
-    run_url, eval_url = cell_urls(cfg, arm, seed)
+def variant_label(arm: str, settings: dict) -> str:
+    return arm + "".join(f"-{SHORT_NAMES[key]}{value:g}" for key, value in settings.items())
+
+
+def read_tuned(url: str, arms: list[str]) -> dict[str, dict]:
+    """Each arm's chosen settings from a sweep's chosen.json."""
+    try:
+        chosen = storage.read_json(url)["arms"]
+    except FileNotFoundError:
+        raise SSPOError(f"tuned settings not found: {url} (run the sweep and its report first)") from None
+    missing = [arm for arm in arms if arm not in chosen]
+    if missing:
+        raise SSPOError(f"{url} chose no settings for {', '.join(missing)}: its sweep did not run those arms")
+    return {arm: {key: chosen[arm][key] for key in SWEPT if key in chosen[arm]} for arm in arms}
+
+
+def grid_cells(cfg: ExperimentConfig) -> list[Cell]:
+    tuned = read_tuned(cfg.tuned, cfg.arms) if cfg.tuned else {}
+    return [Cell(arm, variant_label(arm, variant), seed, {**tuned.get(arm, {}), **variant})
+            for arm in cfg.arms for variant in sweep_variants(cfg, arm) for seed in cfg.seeds]
+
+
+def evaluated_steps(cfg: ExperimentConfig) -> list[int]:
+    return sorted({*cfg.eval_at_steps, cfg.steps})
+
+
+def cell_urls(cfg: ExperimentConfig, cell: Cell, step: int | None = None) -> tuple[str, str]:
+    """Where a cell trains and where its checkpoint at `step` is evaluated (the last step: `eval/<name>`)."""
+    suffix = "" if step in (None, cfg.steps) else f"-step{step}"
+    return (storage.join(cfg.output, "runs", cell.name),
+            storage.join(cfg.output, "eval", cell.name + suffix))
+
+
+def is_finished(cfg: ExperimentConfig, cell: Cell) -> bool:
+    return all(storage.is_published(cell_urls(cfg, cell, step)[1]) for step in evaluated_steps(cfg))
+
+
+def run_cell(cfg: ExperimentConfig, cell: Cell) -> None:
+    """Train and evaluate one cell, skipping what is already published."""
+    run_url = cell_urls(cfg, cell)[0]
     train_cfg = config.load("train", cfg.shared_params or None, {
-        **ARMS[arm], "model": cfg.model, "data": cfg.data, "data_split": cfg.data_split, "output": run_url,
-        "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
+        **ARMS[cell.arm], **cell.settings, "model": cfg.model, "data": cfg.data, "data_split": cfg.data_split,
+        "output": run_url, "seed": cell.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
     })
     if not run_store.is_finished(run_url):
         train(train_cfg)
-    if not is_finished(cfg, arm, seed):
+    for step in evaluated_steps(cfg):
+        eval_url = cell_urls(cfg, cell, step)[1]
+        if storage.is_published(eval_url):
+            continue
+        checkpoint = run_url if step == cfg.steps else RunStore(run_url).checkpoint_url(step)
+        if step != cfg.steps and not storage.is_published(checkpoint):
+            raise SSPOError(f"{run_url} has no checkpoint at step {step}: eval_at_steps must be multiples of "
+                            f"train.save_every ({train_cfg.save_every})")
         evaluate(config.load("evaluate", cfg.shared_params or None, {
-            "model": cfg.model, "checkpoint": run_url, "output": eval_url, "seeds": cfg.eval_seeds,
+            "model": cfg.model, "checkpoint": checkpoint, "output": eval_url, "seeds": cfg.eval_seeds,
             "sample_steps": cfg.eval_sample_steps, "scorers": cfg.scorers, "prompts": cfg.prompts,
         }))
 
 
-def measure(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
-    """One finished cell's scores, win rates and mean SSR rate."""
-    run_url, eval_url = cell_urls(cfg, arm, seed)
+def measure(cfg: ExperimentConfig, cell: Cell, step: int) -> dict:
+    """One finished cell's scores, win rates and mean SSR rate at one evaluated step."""
+    run_url, eval_url = cell_urls(cfg, cell, step)
     results = Evaluation.read(eval_url)
-    log_rows = run_store.read_log(run_url)
-    ssr = [row["ssr_rate"] for row in log_rows if "ssr_rate" in row]
+    ssr = [row["ssr_rate"] for row in run_store.read_log(run_url) if "ssr_rate" in row and row["step"] <= step]
     scorer, splits = compared_on(cfg)
     return {
-        "arm": arm, "seed": seed,
+        "arm": cell.label, "seed": cell.seed, "step": step,
         **{f"{split}_score": results.score("trained", split, scorer) for split in splits},
         **{f"{split}_{key}": value for split in splits
            for key, value in results.attributes("trained", split, scorer).items()},
@@ -113,7 +183,7 @@ def measure(cfg: ExperimentConfig, arm: str, seed: int) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if k not in ("arm", "seed", "ssr_rate")]
+    keys = [k for k in rows[0] if k not in ("arm", "seed", "step", "ssr_rate")]
     summary = {}
     for arm in dict.fromkeys(row["arm"] for row in rows):
         arm_rows = [row for row in rows if row["arm"] == arm]
@@ -122,6 +192,45 @@ def summarize(rows: list[dict]) -> dict:
         summary[arm]["ssr_rate"] = confidence_interval(rates) if rates else None
         summary[arm]["seeds"] = len(arm_rows)
     return summary
+
+
+def paired_against(rows: list[dict], reference: str, splits: list[str]) -> dict:
+    """Per arm and prompt set, the mean of (arm − reference) over the seeds both ran, with its 95% t-interval: a
+    paired two-sided t-test at 5% finds a difference when the interval excludes 0."""
+    by_seed = {row["seed"]: row for row in rows if row["arm"] == reference}
+    paired = {}
+    for arm in dict.fromkeys(row["arm"] for row in rows if row["arm"] != reference):
+        matched = [(row, by_seed[row["seed"]]) for row in rows if row["arm"] == arm and row["seed"] in by_seed]
+        if len(matched) >= 2:
+            paired[arm] = {split: [*confidence_interval([a[f"{split}_score"] - b[f"{split}_score"]
+                                                         for a, b in matched]), len(matched)]
+                           for split in splits}
+    return paired
+
+
+def paired_table(paired: dict, reference: str, splits: list[str]) -> str:
+    if not paired:
+        return ""
+    columns = ["arm", "seeds", *(f"{label(s)}: arm − {reference}" for s in splits)]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for arm, values in paired.items():
+        cells = [f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half else ''}"
+                 for mean, half, _ in (values[s] for s in splits)]
+        lines.append("| " + " | ".join([arm, str(next(iter(values.values()))[2]), *cells]) + " |")
+    lines.append(f"\nPaired by seed (same seed, same data order and noise): mean difference ± 95% t-interval; "
+                 "* marks a difference a two-sided paired t-test finds at the 5% level (the interval excludes 0).")
+    return "\n".join(lines) + "\n"
+
+
+def choose_settings(cfg: ExperimentConfig, cells: list[Cell], summary: dict, split: str) -> dict:
+    """Per arm, the sweep variant with the best mean score on `split` (the first listed wins a tie)."""
+    chosen = {}
+    for arm in cfg.arms:
+        variants = list({cell.label: cell for cell in cells if cell.arm == arm}.values())
+        best = max(variants, key=lambda cell: summary[cell.label][f"{split}_score"][0])
+        chosen[arm] = {**best.settings, "variant": best.label, "score": summary[best.label][f"{split}_score"][0]}
+    scorer = compared_on(cfg)[0]
+    return {"sweep": cfg.output, "chosen_by": f"mean {scorer} score on the {split} prompts", "arms": chosen}
 
 
 def flat_metrics(summary: dict, splits: list[str]) -> dict:
@@ -141,8 +250,8 @@ def results_table(summary: dict, scorer: str, splits: list[str]) -> str:
         return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
 
     base, detailed = next(iter(summary.values())), splits[-1]
-    # only the toy world's attributes are ever reported, and only by a scorer that knows them (the oracle)
-    attributes = [a for a in ATTRIBUTES if f"{detailed}_{a}" in base]
+    # only the toy worlds' attributes are ever reported, and only by a scorer that knows them (the oracles)
+    attributes = [a for a in dict.fromkeys((*ATTRIBUTES, *video_world.ATTRIBUTES)) if f"{detailed}_{a}" in base]
     keys = [*(f"{s}_score" for s in splits), *(f"{detailed}_{a}" for a in sorted(attributes)), f"win_rate_{detailed}",
             "ssr_rate"]
     columns = ["arm", "seeds", *(f"{label(s)} score" for s in splits),
@@ -196,28 +305,80 @@ def plot(rows: list[dict], summary: dict, directory: Path, scorer: str, splits: 
     plt.close(figure)
 
 
+def plot_over_steps(rows: list[dict], directory: Path, scorer: str, splits: list[str]) -> None:
+    """Mean score per arm over the evaluated steps (step 0: the base), train and held-out, and their gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, last = splits[0], splits[-1]
+    figure, (scores, gaps) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, arm in enumerate(dict.fromkeys(row["arm"] for row in rows)):
+        arm_rows = [row for row in rows if row["arm"] == arm]
+        steps = sorted({row["step"] for row in arm_rows})
+        colour = f"C{index}"
+        for split, style in ((last, "-"), (first, "--")):
+            base = float(np.mean([row[f"base_{split}_score"] for row in arm_rows]))
+            means = [base, *(np.mean([row[f"{split}_score"] for row in arm_rows if row["step"] == step])
+                             for step in steps)]
+            scores.plot([0, *steps], means, style, color=colour, marker="o",
+                        label=f"{arm} ({label(split)})" if split == last else None)
+        if first != last:
+            gap = [np.mean([row[f"{first}_score"] - row[f"{last}_score"] for row in arm_rows if row["step"] == step])
+                   for step in steps]
+            gaps.plot(steps, gap, color=colour, marker="o", label=arm)
+    scores.set_xlabel("optimizer step (0: base)")
+    scores.set_ylabel(f"{scorer} score ({label(last)} solid, {label(first)} dashed)")
+    scores.legend(fontsize=7)
+    gaps.axhline(0, color="grey", linewidth=0.5)
+    gaps.set_xlabel("optimizer step")
+    gaps.set_ylabel(f"{label(first)} − {label(last)} score")
+    figure.tight_layout()
+    figure.savefig(directory / "score_over_steps.png", dpi=120)
+    plt.close(figure)
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SSPOError(f"invalid config: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    cells = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+    cells = grid_cells(cfg)
     if cfg.phase != "report":
-        for index, (arm, seed) in enumerate(cells, 1):
-            log.info("experiment: arm %s seed %d (%d/%d)", arm, seed, index, len(cells))
-            run_cell(cfg, arm, seed)
+        for index, cell in enumerate(cells, 1):
+            log.info("experiment: %s seed %d (%d/%d)", cell.label, cell.seed, index, len(cells))
+            run_cell(cfg, cell)
     if cfg.phase == "cells":
         return {"output": cfg.output, "arms": len(cfg.arms), "seeds": len(cfg.seeds)}
-    missing = [f"{arm}-seed{seed}" for arm, seed in cells if not is_finished(cfg, arm, seed)]
+    missing = [cell.name for cell in cells if not is_finished(cfg, cell)]
     if missing:
         raise SSPOError(f"experiment cells not finished under {cfg.output}: {', '.join(missing)}; "
                         "run them first (--phase cells or all)")
-    rows = [measure(cfg, arm, seed) for arm, seed in cells]
-    summary = summarize(rows)
     scorer, splits = compared_on(cfg)
+    rows = {step: [measure(cfg, cell, step) for cell in cells] for step in evaluated_steps(cfg)}
+    summaries = {step: summarize(step_rows) for step, step_rows in rows.items()}
+    summary = summaries[cfg.steps]
+    paired = {step: paired_against(step_rows, "sft", splits) for step, step_rows in rows.items()}
+    tables = {step: results_table(summaries[step], scorer, splits) + "\n" + paired_table(paired[step], "sft", splits)
+              for step in rows}
+    table = tables[cfg.steps] if len(tables) == 1 else "\n".join(
+        f"### After {step} steps\n\n{tables[step]}" for step in sorted(tables))
+    sweeping = cfg.sweep_beta or cfg.sweep_learning_rate
     with storage.output_folder(cfg.output) as directory:
-        (directory / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+        (directory / "results.json").write_text(json.dumps({
+            "runs": [row for step in sorted(rows) for row in rows[step]], "summary": summary,
+            **({"summary_at_steps": summaries} if cfg.eval_at_steps else {}),
+            **({"paired_vs_sft": paired} if any(paired.values()) else {}),
+            **({"tuned": read_tuned(cfg.tuned, cfg.arms), "tuned_from": cfg.tuned} if cfg.tuned else {}),
+        }, indent=2))
         (directory / "metrics.json").write_text(json.dumps(flat_metrics(summary, splits), indent=2))
-        table = results_table(summary, scorer, splits)
+        if sweeping:
+            chosen = choose_settings(cfg, cells, summary, splits[0])
+            (directory / "chosen.json").write_text(json.dumps(chosen, indent=2))
+            table += "\nChosen by " + chosen["chosen_by"] + ": " + ", ".join(
+                f"{arm} → {values['variant']}" for arm, values in chosen["arms"].items()) + "\n"
         (directory / "results.md").write_text(table)
-        plot(rows, summary, directory, scorer, splits)
+        plot(rows[cfg.steps], summary, directory, scorer, splits)
+        if cfg.eval_at_steps:
+            plot_over_steps([row for step_rows in rows.values() for row in step_rows], directory, scorer, splits)
     return {"output": cfg.output, "arms": len(cfg.arms), "seeds": len(cfg.seeds), "table": table}

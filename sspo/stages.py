@@ -13,7 +13,11 @@ def run_world(cfg: config.WorldConfig) -> dict:
     if cfg.video:
         from sspo.toy.video_world import generate
     else:
+        from functools import partial
+
         from sspo.toy.world import generate
+
+        generate = partial(generate, validation=cfg.validation_split, winner_errors=cfg.winner_errors)
 
     with storage.staged_output(cfg.output) as (staging, extra):
         summary = generate(staging, cfg.samples_per_scene, cfg.seed)

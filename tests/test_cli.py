@@ -137,3 +137,12 @@ def test_params_yaml_keeps_yes_no_on_off_as_words_for_text_fields(tmp_path):
     train = config.load("train", str(params), {})
     assert (train.ssr, train.mixed_precision, train.shared_noise, train.gradient_checkpointing) == ("off", "no", False,
                                                                                                   True)
+
+
+def test_params_file_key_selects_nested_sections(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("conditions:\n  clean:\n    world:\n      samples_per_scene: 3\n  plain: 1\n")
+    assert config.load("world", f"{params}#conditions.clean", {}).samples_per_scene == 3
+    for key in ("conditions.missing", "conditions.plain"):
+        with pytest.raises(SSPOError, match=f"has no mapping '{key}'"):
+            config.load("world", f"{params}#{key}", {})

@@ -105,7 +105,7 @@ def test_prompt_sets_parse_and_reject_bad_input(tmp_path):
     heldout = prompts.load("toy:heldout")
     assert len(heldout.prompts) == 12 and all(scene is not None for scene in heldout.scenes)
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
-    for spec, message in [("toy:test", "toy:train and toy:heldout"), (str(tmp_path / "bad.jsonl"), 'no "prompt"'),
+    for spec, message in [("toy:test", "toy:train, toy:validation, toy:heldout"), (str(tmp_path / "bad.jsonl"), 'no "prompt"'),
                           (str(tmp_path / "missing.txt"), "not found")]:
         with pytest.raises(SSPOError, match=message):
             prompts.load(spec)

@@ -71,7 +71,7 @@ def test_configured_scorers_and_prompt_sets_are_evaluated_and_tabulated(base_mod
     assert (evaluation.scorers, evaluation.splits) == (["clipscore", "oracle"], ["heldout", "mine"])
     (row,) = json.loads((tmp_path / "exp" / "results.json").read_text())["runs"]
     # compared by the first scorer, which reports no per-attribute values
-    assert set(row) == {"arm", "seed", "heldout_score", "mine_score", "base_heldout_score", "base_mine_score",
+    assert set(row) == {"arm", "seed", "step", "heldout_score", "mine_score", "base_heldout_score", "base_mine_score",
                         "win_rate_heldout", "win_rate_mine", "ssr_rate"}
     assert row["mine_score"] == evaluation.score("trained", "mine", "clipscore")
     assert row["win_rate_mine"] == evaluation.win_rate("mine", "clipscore").rate
@@ -90,4 +90,51 @@ def test_unknown_arm_is_one_clear_error(tmp_path):
 def test_report_names_unfinished_cells(tmp_path):
     values = {"arms": "sft,dpo", "seeds": "0", "output": str(tmp_path), "phase": "report"}
     with pytest.raises(SSPOError, match="not finished .*: sft-seed0, dpo-seed0"):
+        run_experiment(config.load("experiment", None, values))
+
+
+@pytest.mark.slow
+def test_sweep_chooses_settings_that_a_tuned_grid_trains_with(base_model, prepared, tmp_path):
+    """A sweep on the validation prompts writes each arm's best settings; a grid tuned with them trains each arm with
+    those, evaluates its checkpoints at eval_at_steps and compares every arm with sft seed by seed."""
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  sample_steps: 2\n  save_every: 1\n  lr_warmup_steps: 0\n"
+                      "evaluate:\n  max_prompts: 2\n  bootstrap_samples: 20\n")
+    common = {"model": base_model, "data": prepared, "shared_params": str(params), "arms": "sft,sspo-ssr-sft",
+              "batch_size": 2, "eval_seeds": "0", "eval_sample_steps": 2}
+    sweep = {**common, "output": str(tmp_path / "sweep"), "seeds": "0", "steps": 1, "prompts": "toy:validation",
+             "sweep_beta": "100,400", "sweep_learning_rate": "0.0001"}
+    table = run_experiment(config.load("experiment", None, sweep))["table"]
+    runs = sorted(path.name for path in (tmp_path / "sweep" / "runs").iterdir())
+    assert runs == ["sft-lr0.0001-seed0", "sspo-ssr-sft-beta100-lr0.0001-seed0", "sspo-ssr-sft-beta400-lr0.0001-seed0"]
+    summary = json.loads((tmp_path / "sweep" / "results.json").read_text())["summary"]
+    chosen = json.loads((tmp_path / "sweep" / "chosen.json").read_text())
+    assert chosen["chosen_by"] == "mean oracle score on the validation prompts"
+    best = max(("sspo-ssr-sft-beta100-lr0.0001", "sspo-ssr-sft-beta400-lr0.0001"),
+               key=lambda name: summary[name]["validation_score"][0])
+    assert chosen["arms"]["sspo-ssr-sft"]["variant"] == best
+    assert chosen["arms"]["sft"] == {"learning_rate": 0.0001, "variant": "sft-lr0.0001",
+                                     "score": summary["sft-lr0.0001"]["validation_score"][0]}
+    assert f"sspo-ssr-sft → {best}" in table
+
+    tuned = {**common, "output": str(tmp_path / "final"), "seeds": "0,1", "steps": 2, "eval_at_steps": "1",
+             "prompts": "toy:train,toy:heldout", "tuned": str(tmp_path / "sweep" / "chosen.json")}
+    table = run_experiment(config.load("experiment", None, tuned))["table"]
+    recorded = json.loads((tmp_path / "final" / "runs" / "sspo-ssr-sft-seed1" / "config.json").read_text())
+    assert (recorded["beta"], recorded["learning_rate"]) == (chosen["arms"]["sspo-ssr-sft"]["beta"], 0.0001)
+    assert (tmp_path / "final" / "eval" / "sft-seed0-step1" / "metrics.json").exists()
+    results = json.loads((tmp_path / "final" / "results.json").read_text())
+    assert sorted({row["step"] for row in results["runs"]}) == [1, 2]
+    rows = {(row["arm"], row["seed"]): row for row in results["runs"] if row["step"] == 2}
+    differences = [rows["sspo-ssr-sft", seed]["heldout_score"] - rows["sft", seed]["heldout_score"] for seed in (0, 1)]
+    assert results["paired_vs_sft"]["2"]["sspo-ssr-sft"]["heldout"][:2] == pytest.approx(
+        list(confidence_interval(differences)))
+    assert "### After 1 steps" in table and "arm − sft" in table
+    assert (tmp_path / "final" / "score_over_steps.png").stat().st_size > 0
+
+
+def test_tuned_settings_must_cover_every_arm(tmp_path):
+    (tmp_path / "chosen.json").write_text(json.dumps({"arms": {"sft": {"learning_rate": 0.0001}}}))
+    values = {"arms": "sft,dpo", "output": str(tmp_path / "exp"), "tuned": str(tmp_path / "chosen.json")}
+    with pytest.raises(SSPOError, match="chose no settings for dpo"):
         run_experiment(config.load("experiment", None, values))

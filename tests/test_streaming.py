@@ -163,3 +163,19 @@ def test_a_damaged_shard_is_refused_when_it_is_read(tmp_path):
     dataset.rows(range(32))  # the intact shard reads
     with pytest.raises(SSPOError, match="sha256"):
         dataset.rows([40])
+
+
+def test_splits_joined_by_plus_train_on_the_samples_of_each(tmp_path):
+    from sspo import config
+    from sspo.stages import run_prepare, run_world
+
+    run_world(config.load("world", None, {"output": str(tmp_path / "world"), "samples_per_scene": 2,
+                                          "validation_split": True}))
+    data = str(tmp_path / "prepared")
+    run_prepare(config.load("prepare", None, {"source": str(tmp_path / "world"), "output": data}))
+    sizes = {split: len(ShardDataset(data, split=split)) for split in ("train", "validation", "train+validation")}
+    assert sizes == {"train": 72, "validation": 24, "train+validation": 96}
+    both = ShardDataset(data, split="train+validation")
+    assert {split for split in both.rows(list(range(96)))["splits"]} == {"train", "validation"}
+    with pytest.raises(SSPOError, match="no samples with split 'test'"):
+        ShardDataset(data, split="test")

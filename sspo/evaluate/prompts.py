@@ -2,6 +2,8 @@
 
 A prompt set is named on the command line as
 - `toy:train` or `toy:heldout`: the toy world's prompts of that split (the video world's, for a video model);
+  `toy:validation`: the image world's validation combinations (`sspo world --validation-split`), which `toy:train`
+  includes;
 - `NAME=URL` or just `URL` (named after the file's stem): a text file with one prompt per line, or a `.jsonl` file
   with a "prompt" (or "caption") field per line. Blank lines are skipped.
 
@@ -23,7 +25,7 @@ from pathlib import PurePosixPath
 from sspo import storage
 from sspo.errors import SSPOError
 from sspo.toy import video_world
-from sspo.toy.world import Scene, parse_prompt, split_scenes
+from sspo.toy.world import SPLITS, Scene, parse_prompt, split_scenes
 
 TOY_PREFIX = "toy:"
 
@@ -71,8 +73,10 @@ def load(spec: str, limit: int = 0, video: bool = False) -> PromptSet:
     world_scenes, parse = ((video_world.split_scenes, video_world.parse_prompt) if video
                            else (split_scenes, parse_prompt))
     if spec.startswith(TOY_PREFIX):
-        if name not in ("train", "heldout"):
-            raise SSPOError(f"unknown prompt set {spec!r}; the toy world has toy:train and toy:heldout")
+        splits = ("train", "heldout") if video else SPLITS
+        if name not in splits:
+            raise SSPOError(f"unknown prompt set {spec!r}; the toy {'video ' if video else ''}world has "
+                            + ", ".join(f"toy:{split}" for split in splits))
         prompts = [scene.prompt for scene in world_scenes(name)]
     else:
         prompts = parse_lines(storage.read_text(url), url)

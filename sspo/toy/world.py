@@ -1,6 +1,9 @@
 """The toy world: 32×32 images of one coloured shape at one position, with prompts that describe them.
 
-Train and held-out are split by attribute *combination*, so held-out prompts test composition, not memory.
+Train and held-out are split by attribute *combination*, so held-out prompts test composition, not memory. On
+request a validation split is carved out of the training combinations the same way (for choosing settings without
+looking at held-out prompts), and a fraction of winners is drawn with one attribute wrong, as real preference data
+holds winners that are only *preferred*: their losers then have a second attribute wrong.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ POSITION_PHRASES = {
     "center": "in the center",
 }
 ATTRIBUTES = ("color", "shape", "position")
+SPLITS = ("train", "validation", "heldout")
 RESOLUTION = 32
 
 
@@ -46,16 +50,31 @@ def all_scenes() -> list[Scene]:
     return [Scene(c, s, p) for c, s, p in itertools.product(COLORS, SHAPES, POSITIONS)]
 
 
+def combination_index(scene: Scene) -> int:
+    return list(COLORS).index(scene.color) + SHAPES.index(scene.shape) + list(POSITIONS).index(scene.position)
+
+
 def is_heldout(scene: Scene) -> bool:
     """Every fifth combination on a diagonal: each single attribute value still appears in train."""
-    index = list(COLORS).index(scene.color) + SHAPES.index(scene.shape) + list(POSITIONS).index(scene.position)
-    return index % 5 == 0
+    return combination_index(scene) % 5 == 0
+
+
+def split_of(scene: Scene, validation: bool = False) -> str:
+    """heldout, validation (with `validation`: the next diagonal, 12 combinations; every pair of attribute values
+    still appears in train) or train."""
+    if is_heldout(scene):
+        return "heldout"
+    return "validation" if validation and combination_index(scene) % 5 == 1 else "train"
 
 
 def split_scenes(split: str) -> list[Scene]:
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    return [s for s in all_scenes() if is_heldout(s) == (split == "heldout")]
+    """The scenes of a split; `train` is every combination that is neither held out nor, in a world rendered with
+    a validation split, validation."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if split == "train":
+        return [s for s in all_scenes() if split_of(s) == "train"]
+    return [s for s in all_scenes() if split_of(s, validation=True) == split]
 
 
 def parse_prompt(prompt: str) -> Scene | None:
@@ -95,17 +114,27 @@ def render(scene: Scene, rng: np.random.Generator, resolution: int = RESOLUTION)
     return image.resize((resolution, resolution), Image.LANCZOS)
 
 
-def with_one_attribute_wrong(scene: Scene, rng: np.random.Generator) -> Scene:
+def with_one_attribute_wrong(scene: Scene, rng: np.random.Generator, keep: str | None = None) -> Scene:
+    """The scene with one attribute (never `keep`) changed to another value."""
     attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+    while attribute == keep:
+        attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
     choices = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}[attribute]
     wrong = [value for value in choices if value != getattr(scene, attribute)]
     return Scene(**{**scene.as_dict(), attribute: wrong[rng.integers(len(wrong))]})
 
 
-def generate(output_dir: Path, samples_per_scene: int, seed: int) -> dict:
-    """Write images/ and metadata.jsonl (file, caption, attributes, split) for every scene of both splits.
+def wrong_attribute(drawn: Scene, scene: Scene) -> str:
+    return next(a for a in ATTRIBUTES if getattr(drawn, a) != getattr(scene, a))
+
+
+def generate(output_dir: Path, samples_per_scene: int, seed: int, validation: bool = False,
+             winner_errors: float = 0.0) -> dict:
+    """Write images/ and metadata.jsonl (file, caption, attributes, split) for every scene of all splits.
 
     Each image also gets a `loser`: the same prompt rendered with one attribute wrong, for paired objectives (dpo).
+    With `winner_errors` > 0 that fraction of winners is drawn with one attribute wrong (named in `winner_wrong`)
+    and its loser with that one and a second wrong; the caption still names the scene.
     """
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -113,10 +142,15 @@ def generate(output_dir: Path, samples_per_scene: int, seed: int) -> dict:
     lines = []
     for index, (scene, _) in enumerate(itertools.product(all_scenes(), range(samples_per_scene))):
         name, loser = f"images/{index:06d}.png", f"images/{index:06d}-loser.png"
-        render(scene, rng).save(output_dir / name)
-        render(with_one_attribute_wrong(scene, rng), rng).save(output_dir / loser)
-        split = "heldout" if is_heldout(scene) else "train"
-        lines.append({"file": name, "loser": loser, "caption": scene.prompt, **scene.as_dict(), "split": split})
+        # drawn only when asked for, so the default world stays the same image for image
+        flawed = winner_errors > 0 and rng.random() < winner_errors
+        drawn = with_one_attribute_wrong(scene, rng) if flawed else scene
+        render(drawn, rng).save(output_dir / name)
+        wrong = wrong_attribute(drawn, scene) if flawed else None
+        render(with_one_attribute_wrong(drawn, rng, keep=wrong), rng).save(output_dir / loser)
+        lines.append({"file": name, "loser": loser, "caption": scene.prompt, **scene.as_dict(),
+                      "split": split_of(scene, validation), **({"winner_wrong": wrong} if flawed else {})})
     with open(output_dir / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
-    return {"num_images": len(lines), "num_scenes": len(all_scenes()), "samples_per_scene": samples_per_scene}
+    return {"num_images": len(lines), "num_scenes": len(all_scenes()), "samples_per_scene": samples_per_scene,
+            "flawed_winners": sum("winner_wrong" in line for line in lines)}

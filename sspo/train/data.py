@@ -95,14 +95,14 @@ class SampleOrder:
 class OpenShard:
     """One shard's memory-mapped tensors plus its captions, splits and the rows of the chosen split."""
 
-    def __init__(self, tensors: Path, captions: Path, num_samples: int, split: str | None, resolution: int,
+    def __init__(self, tensors: Path, captions: Path, num_samples: int, splits: set[str] | None, resolution: int,
                  where: str):
         self.tensors = safe_open(str(tensors), framework="pt")
         lines = [json.loads(line) for line in captions.read_text(encoding="utf-8").splitlines()]
         self.names = set(self.tensors.keys())
         if len(lines) != num_samples or self.tensors.get_slice("winner").get_shape()[0] != num_samples:
             raise SSPOError(f"{where}: its tensors and captions disagree on sample count")
-        self.rows = np.array([row for row, line in enumerate(lines) if split is None or line.get("split") == split])
+        self.rows = np.array([row for row, line in enumerate(lines) if splits is None or line.get("split") in splits])
         self.captions = [line["caption"] for line in lines]
         self.splits = [line.get("split") for line in lines]
         # Datasets prepared before geometry was recorded hold uncropped images at the resolution.
@@ -201,6 +201,7 @@ class ShardDataset:
                  shuffle_shards: int = 64, cache_bytes: int = 64 << 30):
         manifest = self.read_manifest(url)
         self.url, self.split = url, split
+        self.chosen_splits = None if split is None else set(split.split("+"))
         self.resolution: int = manifest["resolution"]
         self.paired: bool = manifest["paired"]
         self.encoded_with: dict | None = manifest.get("encoded_with") if encodings else None
@@ -236,11 +237,11 @@ class ShardDataset:
         """Samples of the split in a shard, from the manifest; datasets prepared before it recorded the counts have
         their captions files read."""
         entry = self.shards[shard]
-        if self.split is None:
+        if self.chosen_splits is None:
             return entry["num_samples"]
         if "split_counts" in entry:
-            return entry["split_counts"].get(self.split, 0)
-        return sum(line.get("split") == self.split for line in self.caption_lines(shard))
+            return sum(entry["split_counts"].get(split, 0) for split in self.chosen_splits)
+        return sum(line.get("split") in self.chosen_splits for line in self.caption_lines(shard))
 
     def caption_lines(self, shard: int) -> list[dict]:
         text = self.files.path(self.shards[shard]["captions"]).read_text(encoding="utf-8")
@@ -267,7 +268,7 @@ class ShardDataset:
             return self.open[index]
         entry = self.shards[index]
         opened = OpenShard(self.files.path(entry["tensors"]), self.files.path(entry["captions"]),
-                           entry["num_samples"], self.split, self.resolution, f"{self.url} {entry['tensors']}")
+                           entry["num_samples"], self.chosen_splits, self.resolution, f"{self.url} {entry['tensors']}")
         if len(opened.rows) != self.order.sizes[index]:
             raise SSPOError(f"{self.url}: {entry['captions']} holds {len(opened.rows)} samples of split "
                             f"{self.split!r}, its manifest {self.order.sizes[index]}")
