@@ -1,8 +1,9 @@
 """Decoding and resizing of source images and clips: the CPU work of `sspo prepare`, done by its worker processes.
 Kept free of torch and of storage, so that a worker starts in a fraction of a second.
 
-Clips are animated images decoded with Pillow (GIF, as the toy video world writes them; animated PNG and WebP too),
-which the project already depends on; MP4 would need FFmpeg bindings (PyAV), which it does not."""
+Clips are animated images decoded with Pillow (GIF, as the toy video world writes them; animated PNG and WebP too)
+or video files (MP4, WebM, MOV, MKV, AVI) decoded with PyAV: the FFmpeg bindings torchvision's video reader uses,
+whose wheels carry FFmpeg itself, so no system FFmpeg is needed. PyAV is imported only when a video file is read."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL reports undecodable input through many exception types, depending on the codec and where it breaks.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
@@ -96,7 +97,11 @@ def to_clip(data: bytes, resolution: int, max_pixels: int, frames: int) -> Prepa
     A GIF writer stores a run of identical frames as one frame that lasts longer, so a frame counts as its duration
     over the clip's shortest one.
     """
-    with open_image(data, max_pixels) as opened:
+    try:
+        opened = open_image(data, max_pixels)
+    except UnidentifiedImageError:
+        return video_to_clip(data, resolution, max_pixels, frames)
+    with opened:
         original_size = opened.size[::-1]
         durations = []
         for index in range(getattr(opened, "n_frames", 1)):
@@ -114,6 +119,30 @@ def to_clip(data: bytes, resolution: int, max_pixels: int, frames: int) -> Prepa
             if len(clip) >= frames:
                 break
     return PreparedImage(np.stack(clip[:frames]), (*original_size, top, left))
+
+
+def video_to_clip(data: bytes, resolution: int, max_pixels: int, frames: int) -> PreparedImage:
+    """The first `frames` decoded frames of a video file's first video stream, as to_clip makes them (frames are
+    taken as decoded, at the file's own rate)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise Rejected("corrupt_image", "no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_pixels:
+                raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+            clip = []
+            for frame in container.decode(stream):
+                pixels, top, left = square_crop(frame.to_image(), resolution)
+                clip.append(pixels)
+                if len(clip) == frames:
+                    return PreparedImage(np.stack(clip), (height, width, top, left))
+    except av.FFmpegError as err:
+        raise Rejected("corrupt_image", str(err)) from None
+    raise Rejected("short_clip", f"{len(clip)} frames, fewer than frames {frames}")
 
 
 def frames_to_clip(frame_files: list[bytes], resolution: int, max_pixels: int, frames: int) -> PreparedImage:

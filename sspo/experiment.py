@@ -32,7 +32,6 @@ from sspo.evaluate.evaluate import evaluate
 from sspo.evaluate.results import Evaluation
 from sspo.toy import video_world
 from sspo.toy.world import ATTRIBUTES
-from sspo.run_store import RunStore
 from sspo.train.trainer import train
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell) -> None:
         eval_url = cell_urls(cfg, cell, step)[1]
         if storage.is_published(eval_url):
             continue
-        checkpoint = run_url if step == cfg.steps else RunStore(run_url).checkpoint_url(step)
+        checkpoint = run_url if step == cfg.steps else run_store.RunStore(run_url).checkpoint_url(step)
         if step != cfg.steps and not storage.is_published(checkpoint):
             raise SSPOError(f"{run_url} has no checkpoint at step {step}: eval_at_steps must be multiples of "
                             f"train.save_every ({train_cfg.save_every})")
@@ -217,7 +216,7 @@ def paired_table(paired: dict, reference: str, splits: list[str]) -> str:
         cells = [f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half else ''}"
                  for mean, half, _ in (values[s] for s in splits)]
         lines.append("| " + " | ".join([arm, str(next(iter(values.values()))[2]), *cells]) + " |")
-    lines.append(f"\nPaired by seed (same seed, same data order and noise): mean difference ± 95% t-interval; "
+    lines.append("\nPaired by seed (same seed, same data order and noise): mean difference ± 95% t-interval; "
                  "* marks a difference a two-sided paired t-test finds at the 5% level (the interval excludes 0).")
     return "\n".join(lines) + "\n"
 
@@ -359,7 +358,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     summaries = {step: summarize(step_rows) for step, step_rows in rows.items()}
     summary = summaries[cfg.steps]
     paired = {step: paired_against(step_rows, "sft", splits) for step, step_rows in rows.items()}
-    tables = {step: results_table(summaries[step], scorer, splits) + "\n" + paired_table(paired[step], "sft", splits)
+    tables = {step: "\n".join(filter(None, (results_table(summaries[step], scorer, splits),
+                                             paired_table(paired[step], "sft", splits))))
               for step in rows}
     table = tables[cfg.steps] if len(tables) == 1 else "\n".join(
         f"### After {step} steps\n\n{tables[step]}" for step in sorted(tables))

@@ -8,8 +8,8 @@ Sources (any fsspec URL):
            `train/0000.parquet`): the split in a file's name or folder becomes its samples' split
 
 Clips. With `frames` N > 0 the samples are clips instead of images: animated GIFs (as `sspo world --video` writes
-them, listed in metadata.jsonl or as a folder's `<name>.gif` + `<name>.txt`) or, in a folder source, folders of
-frame images (`<name>/0001.png`, ... with `<name>.txt`). Each keeps its first N frames, each frame resized and cropped
+them) or video files (MP4, WebM, MOV, MKV, AVI), listed in metadata.jsonl or as a folder's `<name>.mp4` +
+`<name>.txt`, or, in a folder source, folders of frame images (`<name>/0001.png`, ... with `<name>.txt`). Each keeps its first N frames, each frame resized and cropped
 as an image is; a clip with fewer is a bad sample (short_clip). Shards then hold (n, N, 3, R, R) and the manifest
 records "frames": N.
 
@@ -66,7 +66,7 @@ FORMAT = "sspo-shards/1"
 SHARD_BYTES = 256 * 2**20
 SOURCE_FORMATS = ("auto", "folder", "jsonl", "parquet")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CLIP_EXTENSIONS = (".gif",)
+CLIP_EXTENSIONS = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 JSONL_METADATA = "metadata.jsonl"
 IMAGE_BYTES = "encoded image bytes (binary)"
 # What each column must hold, as a description and the arrow types that fit it. A column of nulls only fits too:

@@ -161,13 +161,6 @@ def as_gif_colors(clip: np.ndarray) -> np.ndarray:
     return np.stack(frames)
 
 
-def refuse_image_scorers_on_video(names: list[str]) -> None:
-    others = [name for name in names if name != "oracle"]
-    if others:
-        raise SSPOError(f"scorer(s) {', '.join(others)} score images; a video model's clips are scored by the oracle "
-                        "only (--scorers oracle)")
-
-
 def frame_grid(texts: list[str], models: list[str], seeds: list, images: dict, split: str) -> Image.Image:
     """One row per prompt; per (model, seed) its clip's first, middle and last frames."""
     picks = {"first": 0, "middle": None, "last": -1}
@@ -184,20 +177,17 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     # Entered first, so an existing output (or a failed run's leftover) is refused before any model is loaded.
     with disk_full_as_error(cfg.output), storage.staged_output(cfg.output) as (staging, manifest_extra):
         video = not cfg.rescore and is_video_model(cfg.model)
-        if video:
-            refuse_image_scorers_on_video(cfg.scorers)
         chosen = [scorers.build(name, cfg.scorer_paths) for name in cfg.scorers]
         if cfg.rescore:
             sets, images, provenance = saved_images(cfg.rescore)
             video = next(iter(images.values())).ndim == 6  # (prompts, seeds, frames, H, W, 3)
-            if video:
-                refuse_image_scorers_on_video(cfg.scorers)
         else:
             sets = prompt_sets.load_all(cfg.prompts, cfg.max_prompts, video)
             images, provenance = generated_images(cfg, sets)
         if video:
             images = {key: np.stack([[as_gif_colors(clip) for clip in row] for row in clips])
                       for key, clips in images.items()}
+            chosen = [scorer if scorer.name == "oracle" else scorers.PerFrameScorer(scorer) for scorer in chosen]
         models = list(dict.fromkeys(model for model, _ in images))
         seeds = provenance["sampler"]["seeds"]
         results = Evaluation.new({"config": json.loads(to_json(cfg)), **provenance}, cfg.scorers,

@@ -3,6 +3,9 @@
 Every reward model is read from a directory the user provides (a local path or any fsspec URL, fetched with
 `storage.fetch_dir`); nothing is downloaded from a model hub, and only safetensors weights are read.
 
+A video model's clips are scored by the video oracle, and by any reward model here frame by frame: a clip's score is
+the mean of its frames' scores against its prompt (PerFrameScorer).
+
 Expected directory layouts (all in the Hugging Face `save_pretrained` format, with a tokenizer and an image
 processor saved next to the weights):
 
@@ -72,6 +75,21 @@ class OracleScorer(Scorer):
         judge, attributes = (video_oracle.score, video_world.ATTRIBUTES) if video else (oracle.score, ATTRIBUTES)
         results = [judge(image, scene) if scene is not None else None for image, scene in zip(images, scenes)]
         return {key: np.array([r[key] if r else np.nan for r in results]) for key in ("score", *attributes)}
+
+
+class PerFrameScorer(Scorer):
+    """An image scorer applied to clips ((frames, H, W, 3) arrays): every frame scored against the clip's prompt, the
+    clip's score the mean over its frames."""
+
+    def __init__(self, frame_scorer: Scorer):
+        self.frame_scorer, self.name = frame_scorer, frame_scorer.name
+
+    def score(self, images, prompts, scenes):
+        frames = [Image.fromarray(frame) for clip in images for frame in clip]
+        counts = [len(clip) for clip in images]
+        repeat = lambda values: [value for value, count in zip(values, counts) for _ in range(count)]  # noqa: E731
+        scores = self.frame_scorer.score(frames, repeat(prompts), repeat(scenes))
+        return np.array([chunk.mean() for chunk in np.split(scores, np.cumsum(counts)[:-1])])
 
 
 class _Pretrained(Scorer):
