@@ -318,3 +318,23 @@ def test_reward_models_score_clips_frame_by_frame(video_model, clip_dir, tmp_pat
         expected = frame_scorer.score(frames, [row["prompt"]] * len(frames), [None] * len(frames)).mean()
         assert row["scores"]["pickscore"]["score"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert len({row["scores"]["pickscore"]["score"] for row in rows}) > 1
+
+
+def test_kfp_pipeline_runs_on_the_video_world_by_parameters(video_model, video_world, tmp_path):
+    """The whole KFP pipeline under kfp.local on clips: prepare 8 frames, train the motion modules, evaluate with
+    the video oracle, register, promote and export an AnimateDiff folder."""
+    from diffusers import AnimateDiffPipeline
+
+    from sspo import registry
+    from sspo.pipelines.local import run_local
+
+    registry_url = str(tmp_path / "registry")
+    outputs = run_local(tmp_path / "work", {
+        "data_frames": NUM_FRAMES, "train_modules": "motion", "eval_frames": NUM_FRAMES, "steps": 2, "batch_size": 2,
+        "sample_steps": 2, "save_every": 2, "eval_prompts": "toy:heldout", "eval_seeds": "0", "eval_sample_steps": 2,
+        "min_win_rate": 0.0}, registry=registry_url, model=video_model, data=video_world)
+    assert outputs["promoted"] is True
+    assert 0.0 <= outputs["metrics"]["models.trained.heldout.oracle.direction"] <= 1.0
+    exported = registry.export_url(registry_url, "sspo", "1")
+    pipe = AnimateDiffPipeline.from_pretrained(exported, local_files_only=True)
+    assert pipe.unet.config.motion_max_seq_length >= NUM_FRAMES
