@@ -10,17 +10,14 @@ from sspo import config, storage
 
 
 def run_world(cfg: config.WorldConfig) -> dict:
-    if cfg.video:
-        from sspo.toy.video_world import generate
-    else:
-        from functools import partial
-
-        from sspo.toy.world import generate
-
-        generate = partial(generate, validation=cfg.validation_split, winner_errors=cfg.winner_errors)
+    from sspo.toy import video_world, world
 
     with storage.staged_output(cfg.output) as (staging, extra):
-        summary = generate(staging, cfg.samples_per_scene, cfg.seed)
+        if cfg.video:
+            summary = video_world.generate(staging, cfg.samples_per_scene, cfg.seed)
+        else:
+            summary = world.generate(staging, cfg.samples_per_scene, cfg.seed, cfg.validation_split,
+                                     cfg.winner_errors)
         extra.update(summary)
     return summary
 

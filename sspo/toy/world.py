@@ -152,5 +152,7 @@ def generate(output_dir: Path, samples_per_scene: int, seed: int, validation: bo
                       "split": split_of(scene, validation), **({"winner_wrong": wrong} if flawed else {})})
     with open(output_dir / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
+    # the default world's summary (and so its manifest) stays as it was
+    flawed = {"flawed_winners": sum("winner_wrong" in line for line in lines)} if winner_errors else {}
     return {"num_images": len(lines), "num_scenes": len(all_scenes()), "samples_per_scene": samples_per_scene,
-            "flawed_winners": sum("winner_wrong" in line for line in lines)}
+            **flawed}
