@@ -45,11 +45,17 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise Rejected("too_large", str(err)) from None
-    width, height = image.size
-    if width * height > max_pixels:
+    try:
+        refuse_larger_than(max_pixels, *image.size)
+    except Rejected:
         image.close()
-        raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+        raise
     return image
+
+
+def refuse_larger_than(max_pixels: int, width: int, height: int) -> None:
+    if width * height > max_pixels:
+        raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
 
 
 class PreparedImage(NamedTuple):
@@ -132,8 +138,7 @@ def video_to_clip(data: bytes, resolution: int, max_pixels: int, frames: int) ->
                 raise Rejected("corrupt_image", "no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
-            if width * height > max_pixels:
-                raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+            refuse_larger_than(max_pixels, width, height)
             clip = []
             for frame in container.decode(stream):
                 pixels, top, left = square_crop(frame.to_image(), resolution)
