@@ -4,6 +4,9 @@ Arms: sft, dpo (paired data), spin, sspo (uniform replay, sign SSR) and its abla
 SSR off / indicator / sft). Each (arm, seed) trains into `<output>/runs/<arm>-seed<k>` and is evaluated into
 `<output>/eval/<arm>-seed<k>` (its checkpoints at `eval_at_steps` into `...-step<N>`); finished pieces are skipped,
 so an interrupted experiment resumes where it stopped (a half-trained run resumes from its latest checkpoint).
+A finished cell writes `<output>/records/<cell>.json`: its settings and scores, all the report reads. Records are
+small enough for git, so a grid split over several machines or days is tabulated without its checkpoints and
+images; a cell with a record is not run again, and a record made with other settings is refused.
 `phase` splits the work in two (run the cells, tabulate them) so that a DVC pipeline can track every cell as its
 own stage.
 
@@ -32,7 +35,7 @@ from sspo.evaluate.evaluate import evaluate
 from sspo.evaluate.results import Evaluation
 from sspo.toy import video_world
 from sspo.toy.world import ATTRIBUTES
-from sspo.train.trainer import train
+from sspo.train.trainer import RESUMABLE_SETTINGS, train
 
 log = logging.getLogger(__name__)
 
@@ -137,31 +140,74 @@ def cell_urls(cfg: ExperimentConfig, cell: Cell, step: int | None = None) -> tup
             storage.join(cfg.output, "eval", cell.name + suffix))
 
 
+def record_url(cfg: ExperimentConfig, cell: Cell) -> str:
+    return storage.join(cfg.output, "records", cell.name + ".json")
+
+
 def is_finished(cfg: ExperimentConfig, cell: Cell) -> bool:
-    return all(storage.is_published(cell_urls(cfg, cell, step)[1]) for step in evaluated_steps(cfg))
+    return storage.exists(record_url(cfg, cell))
 
 
-def run_cell(cfg: ExperimentConfig, cell: Cell) -> None:
-    """Train and evaluate one cell, skipping what is already published."""
+def cell_configs(cfg: ExperimentConfig, cell: Cell) -> tuple[config.TrainConfig, dict[int, config.EvaluateConfig]]:
+    """The cell's train config and the evaluate config of each evaluated step."""
     run_url = cell_urls(cfg, cell)[0]
     train_cfg = config.load("train", cfg.shared_params or None, {
         **ARMS[cell.arm], **cell.settings, "model": cfg.model, "data": cfg.data, "data_split": cfg.data_split,
         "output": run_url, "seed": cell.seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
     })
-    if not run_store.is_finished(run_url):
+    evaluate_cfgs = {step: config.load("evaluate", cfg.shared_params or None, {
+        "model": cfg.model, "output": cell_urls(cfg, cell, step)[1], "seeds": cfg.eval_seeds,
+        "sample_steps": cfg.eval_sample_steps, "scorers": cfg.scorers, "prompts": cfg.prompts,
+        "checkpoint": run_url if step == cfg.steps else run_store.RunStore(run_url).checkpoint_url(step),
+    }) for step in evaluated_steps(cfg)}
+    return train_cfg, evaluate_cfgs
+
+
+def cell_settings(cfg: ExperimentConfig, cell: Cell) -> dict:
+    """What a record must match: the train settings that change the result, and every evaluate setting."""
+    train_cfg, evaluate_cfgs = cell_configs(cfg, cell)
+    train_settings = json.loads(config.to_json(train_cfg))
+    return {"train": {key: value for key, value in train_settings.items() if key not in RESUMABLE_SETTINGS},
+            "evaluate": {str(step): json.loads(config.to_json(c)) for step, c in evaluate_cfgs.items()}}
+
+
+def dotted_settings(settings: dict) -> dict:
+    """A record's settings by dotted name: `train.beta`, `evaluate.<step>.seeds`."""
+    evaluate_steps = settings.get("evaluate", {})
+    return {**{f"train.{key}": value for key, value in settings.get("train", {}).items()},
+            **{f"evaluate.{step}.{key}": value for step, section in evaluate_steps.items()
+               for key, value in section.items()}}
+
+
+def read_record(cfg: ExperimentConfig, cell: Cell) -> list[dict]:
+    """A finished cell's measured rows, one per evaluated step; refused when recorded with other settings."""
+    url = record_url(cfg, cell)
+    record = storage.read_json(url)
+    recorded, expected = dotted_settings(record), dotted_settings(cell_settings(cfg, cell))
+    changed = [key for key in sorted(set(recorded) | set(expected)) if recorded.get(key) != expected.get(key)]
+    if changed:
+        raise SSPOError(f"{url} was recorded with other settings ({', '.join(changed)}): delete it, with the cell's "
+                        "runs/ and eval/ folders, to run the cell again")
+    return record["rows"]
+
+
+def run_cell(cfg: ExperimentConfig, cell: Cell) -> None:
+    """Train and evaluate one cell, skipping what is already published, then record it."""
+    if is_finished(cfg, cell):
+        read_record(cfg, cell)
+        return
+    train_cfg, evaluate_cfgs = cell_configs(cfg, cell)
+    if not run_store.is_finished(train_cfg.output):
         train(train_cfg)
-    for step in evaluated_steps(cfg):
-        eval_url = cell_urls(cfg, cell, step)[1]
-        if storage.is_published(eval_url):
+    for step, evaluate_cfg in evaluate_cfgs.items():
+        if storage.is_published(evaluate_cfg.output):
             continue
-        checkpoint = run_url if step == cfg.steps else run_store.RunStore(run_url).checkpoint_url(step)
-        if step != cfg.steps and not storage.is_published(checkpoint):
-            raise SSPOError(f"{run_url} has no checkpoint at step {step}: eval_at_steps must be multiples of "
-                            f"train.save_every ({train_cfg.save_every})")
-        evaluate(config.load("evaluate", cfg.shared_params or None, {
-            "model": cfg.model, "checkpoint": checkpoint, "output": eval_url, "seeds": cfg.eval_seeds,
-            "sample_steps": cfg.eval_sample_steps, "scorers": cfg.scorers, "prompts": cfg.prompts,
-        }))
+        if step != cfg.steps and not storage.is_published(evaluate_cfg.checkpoint):
+            raise SSPOError(f"{train_cfg.output} has no checkpoint at step {step}: eval_at_steps must be multiples "
+                            f"of train.save_every ({train_cfg.save_every})")
+        evaluate(evaluate_cfg)
+    rows = [measure(cfg, cell, step) for step in evaluate_cfgs]
+    storage.write_text(record_url(cfg, cell), json.dumps({**cell_settings(cfg, cell), "rows": rows}, indent=2))
 
 
 def measure(cfg: ExperimentConfig, cell: Cell, step: int) -> dict:
@@ -354,7 +400,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         raise SSPOError(f"experiment cells not finished under {cfg.output}: {', '.join(missing)}; "
                         "run them first (--phase cells or all)")
     scorer, splits = compared_on(cfg)
-    rows = {step: [measure(cfg, cell, step) for cell in cells] for step in evaluated_steps(cfg)}
+    records = [read_record(cfg, cell) for cell in cells]
+    rows = {step: [row for record in records for row in record if row["step"] == step]
+            for step in evaluated_steps(cfg)}
     summaries = {step: summarize(step_rows) for step, step_rows in rows.items()}
     summary = summaries[cfg.steps]
     paired = {step: paired_against(step_rows, "sft", splits) for step, step_rows in rows.items()}

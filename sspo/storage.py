@@ -304,11 +304,15 @@ def read_json(url: str):
 
 
 def write_text(url: str, text: str) -> None:
-    """Write (or replace) a small object with a single PUT."""
+    """Write (or replace) a small object whole: a single PUT, or locally a renamed temporary file."""
     require_writable(url)
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex}.partial")
+        staged.write_text(text)
+        os.replace(staged, path)
+        return
     retry(lambda: fs.pipe_file(path, text.encode()), f"writing {url}")
 
 

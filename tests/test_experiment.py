@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,6 +56,16 @@ def test_experiment_trains_every_arm_and_resumes(toy_world, base_model, tmp_path
     again = run_experiment(config.load("experiment", None, values))
     assert marker.stat().st_mtime_ns == before
     assert again["table"] == summary["table"]
+
+    # The records alone (what git keeps of a grid run elsewhere) give the same table, and no cell runs again.
+    shutil.rmtree(tmp_path / "exp" / "runs")
+    shutil.rmtree(tmp_path / "exp" / "eval")
+    assert run_experiment(config.load("experiment", None, values))["table"] == summary["table"]
+    assert not (tmp_path / "exp" / "runs").exists()
+
+    # A record made with other settings is refused, naming them, rather than tabulated.
+    with pytest.raises(SSPOError, match=r"sft-seed0.json was recorded with other settings \(evaluate.2.seeds\)"):
+        run_experiment(config.load("experiment", None, {**values, "eval_seeds": "1"}))
 
 
 def test_configured_scorers_and_prompt_sets_are_evaluated_and_tabulated(base_model, prepared, clip_dir, tmp_path):
