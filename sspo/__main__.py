@@ -1,7 +1,5 @@
 """`python -m sspo`: the `sspo` command."""
 
-import sys
+from sspo.cli import run
 
-from sspo.cli import main
-
-sys.exit(main())
+run()

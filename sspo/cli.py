@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -157,5 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `sspo` command: main, then exit without the interpreter's teardown. By then the stage has published its
+    outputs and joined its threads; tearing down native libraries' state at exit has, rarely, aborted a finished run
+    (SIGABRT, "terminate called without an active exception"), which a pipeline would take for a failed step."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,6 +2,7 @@
 remote data streamed through a bounded cache."""
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -69,20 +70,16 @@ def test_the_next_window_at_an_epochs_end_is_the_next_epochs_first():
     assert order.next_window_shards(order.total - 1) == list(order.epoch(1)[0][0])
 
 
-PEAK_RSS = """
-import resource, sys
-from sspo.cli import main
-try:
-    main(sys.argv[1:])
-finally:
-    print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
-"""
-
-
 def peak_rss_mb(cwd, *args: str) -> float:
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return int(result.stdout.split("peak_rss_kb")[-1]) / 1024
+    """Peak resident memory of `sspo ARGS` as a process of its own (its rusage, from wait4)."""
+    process = subprocess.Popen([sys.executable, "-m", "sspo", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    process.stderr.close()
+    assert process.returncode == 0, stderr[-3000:]
+    return usage.ru_maxrss / 1024
 
 
 @pytest.mark.slow
