@@ -268,11 +268,12 @@ def paired_table(paired: dict, reference: str, splits: list[str]) -> str:
 
 
 def choose_settings(cfg: ExperimentConfig, cells: list[Cell], summary: dict, split: str) -> dict:
-    """Per arm, the sweep variant with the best mean score on `split` (the first listed wins a tie)."""
+    """Per arm, the sweep variant with the best mean score on `split` (the first listed wins a tie). Scores are
+    compared to 9 decimals: means of the same image scores summed in another order differ in the last bits."""
     chosen = {}
     for arm in cfg.arms:
         variants = list({cell.label: cell for cell in cells if cell.arm == arm}.values())
-        best = max(variants, key=lambda cell: summary[cell.label][f"{split}_score"][0])
+        best = max(variants, key=lambda cell: round(summary[cell.label][f"{split}_score"][0], 9))
         chosen[arm] = {**best.settings, "variant": best.label, "score": summary[best.label][f"{split}_score"][0]}
     scorer = compared_on(cfg)[0]
     return {"sweep": cfg.output, "chosen_by": f"mean {scorer} score on the {split} prompts", "arms": chosen}

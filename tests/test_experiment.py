@@ -8,7 +8,7 @@ from PIL import Image
 from sspo import config
 from sspo.errors import SSPOError
 from sspo.evaluate.results import Evaluation
-from sspo.experiment import confidence_interval, run_experiment
+from sspo.experiment import choose_settings, confidence_interval, grid_cells, run_experiment
 from sspo.stages import run_prepare
 from sspo.toy import oracle
 from sspo.toy.world import Scene
@@ -149,3 +149,16 @@ def test_tuned_settings_must_cover_every_arm(tmp_path):
     values = {"arms": "sft,dpo", "output": str(tmp_path / "exp"), "tuned": str(tmp_path / "chosen.json")}
     with pytest.raises(SSPOError, match="chose no settings for dpo"):
         run_experiment(config.load("experiment", None, values))
+
+
+def test_a_tie_in_the_sweep_goes_to_the_first_listed_setting(tmp_path):
+    """Equal means that float summation left a last bit apart still tie: the first variant listed is chosen."""
+    cfg = config.load("experiment", None, {"arms": "sspo", "seeds": "100", "output": str(tmp_path),
+                                           "sweep_beta": "100,400", "sweep_learning_rate": "0.0004,0.0001",
+                                           "prompts": "toy:validation"})
+    cells = grid_cells(cfg)
+    scores = {"sspo-beta100-lr0.0004": 0.6805555555555554, "sspo-beta100-lr0.0001": 0.5,
+              "sspo-beta400-lr0.0004": 0.5, "sspo-beta400-lr0.0001": 0.6805555555555555}
+    summary = {name: {"validation_score": (score, 0.0)} for name, score in scores.items()}
+    chosen = choose_settings(cfg, cells, summary, "validation")["arms"]["sspo"]
+    assert (chosen["variant"], chosen["beta"], chosen["learning_rate"]) == ("sspo-beta100-lr0.0004", 100.0, 0.0004)
