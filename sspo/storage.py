@@ -304,15 +304,18 @@ def read_json(url: str):
 
 
 def write_text(url: str, text: str) -> None:
-    """Write (or replace) a small object whole: a single PUT, or locally a renamed temporary file."""
+    """Write (or replace) a small object whole: a single PUT, or locally a renamed temporary file. A local path
+    that is a link, a device or a pipe is written through, not replaced."""
     require_writable(url)
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex}.partial")
-        staged.write_text(text)
-        os.replace(staged, path)
-        return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_symlink() and (target.is_file() or not target.exists()):
+            staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+            staged.write_text(text)
+            os.replace(staged, target)
+            return
     retry(lambda: fs.pipe_file(path, text.encode()), f"writing {url}")
 
 

@@ -127,3 +127,14 @@ def test_train_with_refused_s3_credentials_ends_in_one_line(s3, prefix, base_mod
     assert len(err.splitlines()) == 1 and err.startswith("sspo train: error: ") and "access denied" in err, err
     assert f"{prefix}/prepared" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_local_text_is_replaced_whole_and_a_link_is_written_through(tmp_path):
+    target = tmp_path / "records" / "cell.json"
+    storage.write_text(str(target), "one")
+    storage.write_text(str(target), "two")
+    assert target.read_text() == "two" and [path.name for path in target.parent.iterdir()] == ["cell.json"]
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    storage.write_text(str(link), "three")
+    assert link.is_symlink() and target.read_text() == "three"
