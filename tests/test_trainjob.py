@@ -462,10 +462,12 @@ def test_one_node_of_four_gpus_is_one_pod_that_asks_for_four_and_starts_four_pro
 
 @pytest.mark.slow  # two fresh interpreters import torch
 def test_a_pod_with_two_gpus_runs_two_training_processes_that_insist_on_cuda(tmp_path):
-    """On this CPU-only machine each of the two processes torchrun starts refuses to train without CUDA: both
-    were started, and both got --device cuda."""
+    """On this CPU-only machine each of the two processes torchrun starts refuses to train without CUDA, unless the
+    other's refusal came first and torchrun stopped it (SIGTERM) before it got there: both were started."""
     result = subprocess.run(shell.sspo_command(shell.stage_argv("train", output=str(tmp_path / "run"),
                                                                 device="cuda"), 2),
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert result.stderr.count("device cuda was asked for") == 2, result.stderr[-3000:]
+    refusals = result.stderr.count("device cuda was asked for")
+    stopped = result.stderr.count("Signal 15 (SIGTERM) received by PID")
+    assert refusals == 2 or (refusals, stopped) == (1, 1), result.stderr[-3000:]
